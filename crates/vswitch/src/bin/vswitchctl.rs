@@ -1,0 +1,164 @@
+//! `vswitchctl`: talks to a running vswitchd over its control socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use vswitch::control::{self, ClientError, Request};
+use vswitch::table::Table;
+
+/// Query and steer a running vswitchd.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the daemon's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Networks and ports with counters and drops.
+    Show,
+    /// MAC tables.
+    Fdb {
+        /// Only this network: TENANT/NETWORK, or NETWORK if unique.
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Re-read the config file; a bad file keeps the running config.
+    Reload,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let req = match &args.cmd {
+        Cmd::Show => Request::Show {},
+        Cmd::Fdb { network } => Request::Fdb { network: network.clone() },
+        Cmd::Reload => Request::Reload {},
+    };
+    match control::request(&args.socket, &req) {
+        Ok(data) => {
+            if args.json {
+                println!("{data}");
+            } else {
+                print!("{}", render(&args.cmd, &data));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ ClientError::Daemon(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn render(cmd: &Cmd, d: &Value) -> String {
+    match cmd {
+        Cmd::Show => render_show(d),
+        Cmd::Fdb { .. } => render_fdb(d),
+        Cmd::Reload => {
+            let list = |k: &str| {
+                let v: Vec<String> = d[k].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
+                if v.is_empty() { "-".to_string() } else { v.join(", ") }
+            };
+            format!(
+                "reloaded\n  ports added:      {}\n  ports removed:    {}\n  ports changed:    {}\n  networks added:   {}\n  networks removed: {}\n",
+                list("added_ports"), list("removed_ports"), list("changed_ports"),
+                list("added_networks"), list("removed_networks")
+            )
+        }
+    }
+}
+
+fn render_show(d: &Value) -> String {
+    let offl = &d["offloads"];
+    let on: Vec<&str> = ["csum", "tso4", "tso6", "uso"]
+        .into_iter()
+        .filter(|k| offl[*k] == Value::Bool(true))
+        .collect();
+    let mut out = format!(
+        "vswitchd: config {}, up {} s, {} workers, tap offloads: {}\n\n",
+        s(&d["config"]),
+        s(&d["uptime_secs"]),
+        s(&d["workers"]),
+        if on.is_empty() { "-".to_string() } else { on.join(",") }
+    );
+    let mut t = Table::new(&["TENANT", "NETWORK", "VNI", "CIDR", "GATEWAY", "PORTS", "MACS"]);
+    for n in d["networks"].as_array().into_iter().flatten() {
+        t.row(vec![
+            s(&n["tenant"]),
+            s(&n["name"]),
+            s(&n["vni"]),
+            s(&n["cidr"]),
+            s(&n["gateway"]),
+            n["ports"].as_array().map_or(0, Vec::len).to_string(),
+            format!("{}/{}", s(&n["mac_entries"]), s(&n["mac_table_size"])),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push('\n');
+    let mut t = Table::new(&[
+        "PORT", "TENANT", "NETWORK", "TAP", "MAC", "IP", "LINK", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES", "DROPS",
+    ]);
+    for p in d["ports"].as_array().into_iter().flatten() {
+        let drops: Vec<String> = p["drops"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+            .unwrap_or_default();
+        t.row(vec![
+            s(&p["name"]),
+            s(&p["tenant"]),
+            s(&p["network"]),
+            s(&p["tap"]),
+            s(&p["mac"]),
+            s(&p["ip"]),
+            s(&p["link"]),
+            s(&p["rx_packets"]),
+            s(&p["rx_bytes"]),
+            s(&p["tx_packets"]),
+            s(&p["tx_bytes"]),
+            if drops.is_empty() { "0".into() } else { drops.join(" ") },
+        ]);
+    }
+    out.push_str(&t.render());
+    out
+}
+
+fn render_fdb(d: &Value) -> String {
+    let mut out = String::new();
+    for n in d["networks"].as_array().into_iter().flatten() {
+        let st = &n["stats"];
+        out.push_str(&format!(
+            "{}/{} (VNI {}): {}/{} entries; learned {} moved {} aged {} evicted {} hijack_refused {} table_full {}\n",
+            s(&n["tenant"]), s(&n["network"]), s(&n["vni"]), s(&n["count"]), s(&n["mac_table_size"]),
+            s(&st["learned"]), s(&st["moved"]), s(&st["aged"]), s(&st["evicted"]),
+            s(&st["hijack_refused"]), s(&st["table_full"]),
+        ));
+        let mut t = Table::new(&["  MAC", "PORT", "KIND", "AGE"]);
+        for e in n["entries"].as_array().into_iter().flatten() {
+            t.row(vec![format!("  {}", s(&e["mac"])), s(&e["port"]), s(&e["kind"]), format!("{}s", s(&e["age_secs"]))]);
+        }
+        out.push_str(&t.render());
+        out.push('\n');
+    }
+    out
+}

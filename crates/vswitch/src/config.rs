@@ -1,0 +1,710 @@
+//! The tenant config file: parsing, validation and the validated model.
+//!
+//! Parsing goes in two steps. `serde` + `toml` turn the text into raw
+//! structs that reject unknown keys and wrong types (their messages carry the
+//! line and column). Validation then checks meaning (references, ranges,
+//! uniqueness) and reports *every* problem, each naming the file, the item
+//! (tenant / network / port) and what to change. See `docs/config.md`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use packet::MacAddr;
+use serde::Deserialize;
+
+/// Default learned+static MAC entries per network.
+pub const DEFAULT_MAC_TABLE_SIZE: usize = 8192;
+/// Default MAC aging time.
+pub const DEFAULT_MAC_AGING_SECS: u64 = 300;
+const MAC_TABLE_RANGE: std::ops::RangeInclusive<usize> = 16..=1_048_576;
+const AGING_RANGE: std::ops::RangeInclusive<u64> = 10..=86_400;
+const MAX_WORKERS: usize = 64;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    switch: RawSwitch,
+    #[serde(default)]
+    tenant: Vec<RawTenant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSwitch {
+    mac_table_size: Option<usize>,
+    mac_aging_secs: Option<u64>,
+    workers: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    #[serde(default)]
+    network: Vec<RawNetwork>,
+    #[serde(default)]
+    port: Vec<RawPort>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    name: String,
+    vni: i64,
+    cidr: String,
+    gateway: Option<String>,
+    mac_table_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    name: String,
+    network: String,
+    mac: Option<String>,
+    ip: Option<String>,
+    tap: Option<String>,
+    port_security: Option<bool>,
+}
+
+/// Switch-wide settings (`[switch]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwitchSettings {
+    /// Default MAC table cap per network.
+    pub mac_table_size: usize,
+    /// How long a learned MAC lives without being seen.
+    pub mac_aging: Duration,
+    /// Data-plane threads; 0 means one per CPU core.
+    pub workers: usize,
+}
+
+/// A tenant network: one bridge domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name, unique within the tenant.
+    pub name: String,
+    /// VXLAN network identifier, unique on the host.
+    pub vni: u32,
+    /// The subnet.
+    pub cidr: IpNet,
+    /// The gateway address, if the network has one.
+    pub gateway: Option<IpAddr>,
+    /// MAC table cap for this network.
+    pub mac_table_size: usize,
+}
+
+impl Network {
+    /// `tenant/name`, how the CLI and logs name a network.
+    pub fn key(&self) -> NetKey {
+        NetKey::new(&self.tenant, &self.name)
+    }
+}
+
+/// A VM NIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// Name, unique in the file.
+    pub name: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Network name within the tenant.
+    pub network: String,
+    /// The port's MAC (configured or derived).
+    pub mac: MacAddr,
+    /// Fixed IP, if configured.
+    pub ip: Option<IpAddr>,
+    /// Tap device name.
+    pub tap: String,
+    /// Drop frames whose source MAC is not `mac`.
+    pub port_security: bool,
+}
+
+impl Port {
+    /// The key of the port's network.
+    pub fn net_key(&self) -> NetKey {
+        NetKey::new(&self.tenant, &self.network)
+    }
+}
+
+/// Identifies a network across reloads: `tenant/network`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetKey(pub String);
+
+impl NetKey {
+    /// Builds `tenant/network`.
+    pub fn new(tenant: &str, network: &str) -> NetKey {
+        NetKey(format!("{tenant}/{network}"))
+    }
+}
+
+impl fmt::Display for NetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A validated config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// `[switch]` settings.
+    pub switch: SwitchSettings,
+    /// Tenant names, in file order.
+    pub tenants: Vec<String>,
+    /// All networks of all tenants, in file order.
+    pub networks: Vec<Network>,
+    /// All ports of all tenants, in file order.
+    pub ports: Vec<Port>,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The item: `tenant "acme", port "vm1"`, or `[switch]`.
+    pub item: String,
+    /// What is wrong and what to change.
+    pub message: String,
+}
+
+/// Why a config file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        /// The path.
+        file: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, a wrong type or an unknown key.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The path.
+        file: String,
+        /// toml's message, with line, column and key.
+        message: String,
+    },
+    /// Valid TOML whose content is wrong.
+    #[error("{}", format_problems(file, problems))]
+    Invalid {
+        /// The path.
+        file: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+fn format_problems(file: &str, problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{file}: {}: {}", p.item, p.message))
+        .collect();
+    lines.join("\n")
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.clone(),
+            message: syntax_message(text, &e),
+        })?;
+        let mut v = Validator::default();
+        let cfg = v.validate(path, raw);
+        if v.problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                file,
+                problems: v.problems,
+            })
+        }
+    }
+
+    /// The network a port belongs to.
+    pub fn network_of(&self, port: &Port) -> Option<&Network> {
+        self.networks
+            .iter()
+            .find(|n| n.tenant == port.tenant && n.name == port.network)
+    }
+}
+
+/// toml's message as `line L, column C: what; fix`.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    let at = e
+        .span()
+        .map(|sp| {
+            let before = &text.as_bytes()[..sp.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("line {line}, column {col}: ")
+        })
+        .unwrap_or_default();
+    let hint = if msg.contains("unknown field") {
+        "; remove the key or fix its spelling (see docs/config.md)"
+    } else if msg.contains("missing field") {
+        "; add it (see docs/config.md)"
+    } else {
+        ""
+    };
+    format!("{at}{msg}{hint}")
+}
+
+#[derive(Default)]
+struct Validator {
+    problems: Vec<Problem>,
+}
+
+impl Validator {
+    fn problem(&mut self, item: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            item: item.into(),
+            message: message.into(),
+        });
+    }
+
+    fn validate(&mut self, path: &Path, raw: RawFile) -> Config {
+        let switch = self.switch(raw.switch);
+        let mut tenants = Vec::new();
+        let mut networks: Vec<Network> = Vec::new();
+        let mut ports: Vec<Port> = Vec::new();
+        let mut tenant_names = HashSet::new();
+        let mut vnis: HashMap<u32, String> = HashMap::new();
+        let mut port_names = HashSet::new();
+        let mut tap_names: HashMap<String, String> = HashMap::new();
+
+        for t in raw.tenant {
+            let titem = format!("tenant {:?}", t.name);
+            check_name(self, &titem, "tenant name", &t.name, 32);
+            if !tenant_names.insert(t.name.clone()) {
+                self.problem(&titem, "the tenant is defined twice; merge the two [[tenant]] tables or rename one");
+            }
+            tenants.push(t.name.clone());
+
+            let first_net = networks.len();
+            for n in t.network {
+                if let Some(net) = self.network(&t.name, n, &switch, &mut vnis) {
+                    if networks[first_net..].iter().any(|o| o.name == net.name) {
+                        self.problem(
+                            format!("tenant {:?}, network {:?}", t.name, net.name),
+                            "the network is defined twice in this tenant; rename one",
+                        );
+                        continue;
+                    }
+                    networks.push(net);
+                }
+            }
+            let tenant_nets = &networks[first_net..];
+
+            let mut macs: HashSet<(String, MacAddr)> = HashSet::new();
+            let mut ips: HashSet<(String, IpAddr)> = HashSet::new();
+            for p in t.port {
+                let pitem = format!("tenant {:?}, port {:?}", t.name, p.name);
+                check_name(self, &pitem, "port name", &p.name, 15);
+                if !port_names.insert(p.name.clone()) {
+                    self.problem(
+                        &pitem,
+                        "another port has the same name (port names are unique across tenants: they name lab namespaces and taps); rename one",
+                    );
+                }
+                let Some(net) = tenant_nets.iter().find(|n| n.name == p.network) else {
+                    let known: Vec<&str> = tenant_nets.iter().map(|n| n.name.as_str()).collect();
+                    self.problem(
+                        &pitem,
+                        format!(
+                            "network {:?} is not a network of tenant {:?} (its networks: {}); set network to one of them or add a [[tenant.network]] named {:?}",
+                            p.network,
+                            t.name,
+                            if known.is_empty() { "none".to_string() } else { known.join(", ") },
+                            p.network
+                        ),
+                    );
+                    continue;
+                };
+                let mac = match &p.mac {
+                    Some(s) => match s.parse::<MacAddr>() {
+                        Ok(m) if m.is_unicast() => m,
+                        Ok(m) => {
+                            self.problem(&pitem, format!("mac {m} is a multicast or all-zero address; a NIC needs a unicast MAC such as 02:00:00:00:00:01"));
+                            continue;
+                        }
+                        Err(e) => {
+                            self.problem(&pitem, format!("mac: {e}"));
+                            continue;
+                        }
+                    },
+                    None => derived_mac(&t.name, &p.name),
+                };
+                if !macs.insert((net.name.clone(), mac)) {
+                    self.problem(
+                        &pitem,
+                        format!("mac {mac} is already used by another port of network {:?}; give each port its own MAC", net.name),
+                    );
+                }
+                let ip = match &p.ip {
+                    None => None,
+                    Some(s) => match s.parse::<IpAddr>() {
+                        Err(_) => {
+                            self.problem(&pitem, format!("ip {s:?} is not an IP address; write a bare address such as \"10.0.1.10\" (the prefix comes from the network's cidr)"));
+                            continue;
+                        }
+                        Ok(ip) => {
+                            if let Some(why) = host_address_problem(net, ip) {
+                                self.problem(&pitem, format!("ip {ip} {why}"));
+                            } else if !ips.insert((net.name.clone(), ip)) {
+                                self.problem(
+                                    &pitem,
+                                    format!("ip {ip} is already used by another port of network {:?}; give each port its own address", net.name),
+                                );
+                            }
+                            Some(ip)
+                        }
+                    },
+                };
+                let tap = p.tap.clone().unwrap_or_else(|| format!("vs-{}", p.name));
+                if let Err(why) = check_ifname(&tap) {
+                    if p.tap.is_some() {
+                        self.problem(&pitem, format!("tap {tap:?} {why}"));
+                    } else {
+                        self.problem(&pitem, format!("the default tap name {tap:?} {why}; set tap = \"...\" to a name of at most 15 bytes"));
+                    }
+                } else if let Some(other) = tap_names.insert(tap.clone(), p.name.clone()) {
+                    self.problem(&pitem, format!("tap {tap:?} is also the tap of port {other:?}; give each port its own tap name"));
+                }
+                ports.push(Port {
+                    name: p.name,
+                    tenant: t.name.clone(),
+                    network: p.network,
+                    mac,
+                    ip,
+                    tap,
+                    port_security: p.port_security.unwrap_or(true),
+                });
+            }
+        }
+
+        for n in &networks {
+            let count = ports.iter().filter(|p| p.tenant == n.tenant && p.network == n.name).count();
+            if count > n.mac_table_size {
+                self.problem(
+                    format!("tenant {:?}, network {:?}", n.tenant, n.name),
+                    format!("has {count} ports but mac_table_size {}; raise mac_table_size", n.mac_table_size),
+                );
+            }
+        }
+
+        Config {
+            path: path.to_path_buf(),
+            switch,
+            tenants,
+            networks,
+            ports,
+        }
+    }
+
+    fn switch(&mut self, s: RawSwitch) -> SwitchSettings {
+        let mac_table_size = s.mac_table_size.unwrap_or(DEFAULT_MAC_TABLE_SIZE);
+        if !MAC_TABLE_RANGE.contains(&mac_table_size) {
+            self.problem("[switch]", format!("mac_table_size {mac_table_size} is out of range; use {}..={}", MAC_TABLE_RANGE.start(), MAC_TABLE_RANGE.end()));
+        }
+        let aging = s.mac_aging_secs.unwrap_or(DEFAULT_MAC_AGING_SECS);
+        if !AGING_RANGE.contains(&aging) {
+            self.problem("[switch]", format!("mac_aging_secs {aging} is out of range; use {}..={}", AGING_RANGE.start(), AGING_RANGE.end()));
+        }
+        let workers = s.workers.unwrap_or(0);
+        if workers > MAX_WORKERS {
+            self.problem("[switch]", format!("workers {workers} is more than {MAX_WORKERS}; use 0 for one per core"));
+        }
+        SwitchSettings {
+            mac_table_size,
+            mac_aging: Duration::from_secs(aging),
+            workers,
+        }
+    }
+
+    fn network(
+        &mut self,
+        tenant: &str,
+        n: RawNetwork,
+        switch: &SwitchSettings,
+        vnis: &mut HashMap<u32, String>,
+    ) -> Option<Network> {
+        let item = format!("tenant {tenant:?}, network {:?}", n.name);
+        check_name(self, &item, "network name", &n.name, 32);
+        let vni = match u32::try_from(n.vni) {
+            Ok(v) if (1..=0xff_ffff).contains(&v) => v,
+            _ => {
+                self.problem(&item, format!("vni {} is out of range; use 1..=16777215", n.vni));
+                return None;
+            }
+        };
+        let here = format!("{tenant}/{}", n.name);
+        if let Some(other) = vnis.insert(vni, here) {
+            self.problem(&item, format!("vni {vni} is also used by network {other}; VNIs are unique on a host, pick another"));
+        }
+        let cidr: IpNet = match n.cidr.parse() {
+            Ok(c) => c,
+            Err(_) => {
+                self.problem(&item, format!("cidr {:?} is not a prefix; write it like \"10.0.1.0/24\"", n.cidr));
+                return None;
+            }
+        };
+        if cidr.trunc() != cidr {
+            self.problem(&item, format!("cidr {cidr} has host bits set; did you mean {}?", cidr.trunc()));
+        }
+        let cidr = cidr.trunc();
+        let mac_table_size = n.mac_table_size.unwrap_or(switch.mac_table_size);
+        if !MAC_TABLE_RANGE.contains(&mac_table_size) {
+            self.problem(&item, format!("mac_table_size {mac_table_size} is out of range; use {}..={}", MAC_TABLE_RANGE.start(), MAC_TABLE_RANGE.end()));
+        }
+        let mut net = Network {
+            tenant: tenant.to_string(),
+            name: n.name,
+            vni,
+            cidr,
+            gateway: None,
+            mac_table_size,
+        };
+        if let Some(g) = n.gateway {
+            match g.parse::<IpAddr>() {
+                Err(_) => self.problem(&item, format!("gateway {g:?} is not an IP address; write it like \"10.0.1.1\"")),
+                Ok(ip) => match host_address_problem(&net, ip) {
+                    Some(why) => self.problem(&item, format!("gateway {ip} {why}")),
+                    None => net.gateway = Some(ip),
+                },
+            }
+        }
+        Some(net)
+    }
+}
+
+/// Why `ip` cannot be a host in `net`, if it cannot.
+fn host_address_problem(net: &Network, ip: IpAddr) -> Option<String> {
+    let cidr = net.cidr;
+    if !cidr.contains(&ip) {
+        return Some(format!("is outside the network's cidr {cidr}; pick an address inside it"));
+    }
+    if let IpNet::V4(v4) = cidr {
+        if v4.prefix_len() < 31 && (ip == IpAddr::V4(v4.network()) || ip == IpAddr::V4(v4.broadcast())) {
+            return Some(format!("is the network or broadcast address of {cidr}; pick a host address"));
+        }
+    }
+    if Some(ip) == net.gateway {
+        return Some(format!("is the gateway of network {:?}; pick another address", net.name));
+    }
+    None
+}
+
+fn check_name(v: &mut Validator, item: &str, what: &str, name: &str, max: usize) {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if name.is_empty() || name.len() > max || !ok_chars || name.starts_with('.') {
+        v.problem(
+            item,
+            format!("{what} {name:?} is not valid; use 1-{max} characters of A-Z a-z 0-9 - _ . (not starting with '.')"),
+        );
+    }
+}
+
+/// Whether `name` can name a Linux network interface.
+pub fn check_ifname(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 15 {
+        Err("is not 1-15 bytes long")
+    } else if name == "." || name == ".." {
+        Err("is not a valid interface name")
+    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        Err("contains '/', ':', white space or a control character")
+    } else {
+        Ok(())
+    }
+}
+
+/// The MAC a port gets when the config gives none: locally administered,
+/// unicast, stable for a given tenant and port name (FNV-1a of both).
+pub fn derived_mac(tenant: &str, port: &str) -> MacAddr {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tenant.bytes().chain([b'/']).chain(port.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    MacAddr([0x02, b[0], b[1], b[2], b[3], b[4]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[switch]
+mac_table_size = 1024
+
+[[tenant]]
+name = "acme"
+  [[tenant.network]]
+  name = "web"
+  vni = 1001
+  cidr = "10.0.1.0/24"
+  gateway = "10.0.1.1"
+  [[tenant.port]]
+  name = "vm1"
+  network = "web"
+  mac = "02:00:0a:00:01:0a"
+  ip = "10.0.1.10"
+  [[tenant.port]]
+  name = "vm2"
+  network = "web"
+
+[[tenant]]
+name = "globex"
+  [[tenant.network]]
+  name = "web"
+  vni = 2001
+  cidr = "10.0.1.0/24"
+  [[tenant.port]]
+  name = "g1"
+  network = "web"
+  mac = "02:00:0a:00:01:0a"
+  ip = "10.0.1.10"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("config was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.tenants, ["acme", "globex"]);
+        assert_eq!(c.networks.len(), 2);
+        assert_eq!(c.networks[0].mac_table_size, 1024);
+        assert_eq!(c.switch.mac_aging, Duration::from_secs(300));
+        let vm2 = &c.ports[1];
+        assert_eq!(vm2.tap, "vs-vm2");
+        assert!(vm2.port_security);
+        assert_eq!(vm2.mac, derived_mac("acme", "vm2"));
+        assert!(vm2.mac.is_unicast() && vm2.mac.is_local());
+        // Overlapping tenants: same cidr, ip and MAC are fine.
+        assert_eq!(c.ports[2].mac, c.ports[0].mac);
+    }
+
+    #[test]
+    fn unknown_network_names_port_and_fix() {
+        let e = err(&GOOD.replace("network = \"web\"\n\n", "network = \"db\"\n\n"));
+        assert!(e.contains("t.toml: tenant \"acme\", port \"vm2\": network \"db\" is not a network of tenant \"acme\" (its networks: web)"), "{e}");
+        assert!(e.contains("add a [[tenant.network]]"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_vni_across_tenants() {
+        let e = err(&GOOD.replace("vni = 2001", "vni = 1001"));
+        assert!(e.contains("tenant \"globex\", network \"web\": vni 1001 is also used by network acme/web"), "{e}");
+    }
+
+    #[test]
+    fn ip_checks() {
+        let e = err(&GOOD.replacen("ip = \"10.0.1.10\"", "ip = \"10.0.2.10\"", 1));
+        assert!(e.contains("port \"vm1\": ip 10.0.2.10 is outside the network's cidr 10.0.1.0/24"), "{e}");
+        let e = err(&GOOD.replacen("ip = \"10.0.1.10\"", "ip = \"10.0.1.1\"", 1));
+        assert!(e.contains("is the gateway"), "{e}");
+        let e = err(&GOOD.replacen("ip = \"10.0.1.10\"", "ip = \"10.0.1.255\"", 1));
+        assert!(e.contains("broadcast"), "{e}");
+        let e = err(&GOOD.replacen("ip = \"10.0.1.10\"", "ip = \"10.0.1.10/24\"", 1));
+        assert!(e.contains("not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn mac_checks() {
+        let e = err(&GOOD.replacen("02:00:0a:00:01:0a", "01:00:5e:00:00:01", 1));
+        assert!(e.contains("port \"vm1\": mac 01:00:5e:00:00:01 is a multicast"), "{e}");
+        let e = err(&GOOD.replacen("02:00:0a:00:01:0a", "zz", 1));
+        assert!(e.contains("port \"vm1\": mac: \"zz\" is not a MAC address"), "{e}");
+        let dup = GOOD.replacen(
+            "  name = \"vm2\"\n  network = \"web\"\n",
+            "  name = \"vm2\"\n  network = \"web\"\n  mac = \"02:00:0a:00:01:0a\"\n",
+            1,
+        );
+        let e = err(&dup);
+        assert!(e.contains("port \"vm2\": mac 02:00:0a:00:01:0a is already used"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_a_syntax_error_with_hint() {
+        let e = err(&GOOD.replace("gateway = \"10.0.1.1\"", "gatway = \"10.0.1.1\""));
+        assert!(e.starts_with("t.toml: line 10, column 3: unknown field `gatway`"), "{e}");
+        assert!(e.contains("gatway"), "{e}");
+        assert!(e.contains("fix its spelling"), "{e}");
+    }
+
+    #[test]
+    fn names_taps_and_ranges() {
+        let e = err(&GOOD.replace("name = \"vm1\"", "name = \"a-very-long-port-name\""));
+        assert!(e.contains("port name \"a-very-long-port-name\" is not valid"), "{e}");
+        let e = err(&GOOD.replace("name = \"g1\"", "name = \"vm1\""));
+        assert!(e.contains("port \"vm1\": another port has the same name"), "{e}");
+        let e = err(&GOOD.replace("mac_table_size = 1024", "mac_table_size = 1"));
+        assert!(e.contains("[switch]: mac_table_size 1 is out of range"), "{e}");
+        let e = err(&GOOD.replace("vni = 1001", "vni = 16777216"));
+        assert!(e.contains("vni 16777216 is out of range"), "{e}");
+        let e = err(&GOOD.replace("cidr = \"10.0.1.0/24\"\n  gateway", "cidr = \"10.0.1.5/24\"\n  gateway"));
+        assert!(e.contains("did you mean 10.0.1.0/24"), "{e}");
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let text = GOOD.replace("vni = 2001", "vni = 0").replace("ip = \"10.0.1.10\"\n  [[tenant.port]]", "ip = \"x\"\n  [[tenant.port]]");
+        match parse(&text) {
+            Err(ConfigError::Invalid { problems, .. }) => assert!(problems.len() >= 2, "{problems:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn derived_mac_is_stable_and_distinct() {
+        assert_eq!(derived_mac("a", "vm1"), derived_mac("a", "vm1"));
+        assert_ne!(derived_mac("a", "vm1"), derived_mac("b", "vm1"));
+        assert_ne!(derived_mac("a", "vm1"), derived_mac("a", "vm2"));
+    }
+
+    #[test]
+    fn examples_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "expected at least two examples in {}", dir.display());
+    }
+}

@@ -1,0 +1,210 @@
+//! The control socket: one JSON request per line, one JSON answer per line
+//! (protocol in docs/cli.md).
+//!
+//! The socket is an input like any other: requests are bounded in size, idle
+//! connections time out, concurrent connections are capped, and a malformed
+//! request gets an error answer, never a crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+
+use crate::clock::Timestamp;
+use crate::daemon::Daemon;
+
+/// Default control socket path.
+pub const DEFAULT_SOCKET: &str = "/run/vswitch/vswitchd.sock";
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+const MAX_CONNECTIONS: usize = 32;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Ports, networks, counters.
+    Show {},
+    /// MAC tables.
+    Fdb {
+        /// `tenant/network` or a unique network name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<String>,
+    },
+    /// Re-read the config file.
+    Reload {},
+}
+
+/// Answers one request line.
+pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
+    let req: Request = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return json!({"ok": false, "error": format!("bad request: {e}; expected e.g. {{\"cmd\":\"show\"}}")})
+        }
+    };
+    let result = match req {
+        Request::Show {} => Ok(daemon.show()),
+        Request::Fdb { network } => daemon.fdb(network.as_deref(), Timestamp::now()),
+        Request::Reload {} => daemon
+            .reload()
+            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),
+    };
+    match result {
+        Ok(data) => json!({"ok": true, "data": data}),
+        Err(error) => json!({"ok": false, "error": error}),
+    }
+}
+
+/// Binds the socket, refusing to steal one a live daemon listens on.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running vswitchd; stop it or pass --socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
+}
+
+/// Serves connections until the task is dropped.
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("too many control connections; refusing one");
+            let mut s = stream;
+            let _ = s
+                .write_all(b"{\"ok\":false,\"error\":\"too many control connections\"}\n")
+                .await;
+            continue;
+        };
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, d).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut r).take(MAX_REQUEST as u64 + 1);
+        let read = limited.read_until(b'\n', &mut line);
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, read).await {
+            Ok(res) => res?,
+            Err(_) => return Ok(()),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_REQUEST {
+            let msg = json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")});
+            w.write_all(format!("{msg}\n").as_bytes()).await?;
+            return Ok(());
+        }
+        let d = daemon.clone();
+        let req = std::mem::take(&mut line);
+        // Reload creates taps and reads files: keep it off the async threads.
+        let answer = tokio::task::spawn_blocking(move || handle_line(&d, &req))
+            .await
+            .unwrap_or_else(|e| json!({"ok": false, "error": format!("internal error: {e}")}));
+        w.write_all(format!("{answer}\n").as_bytes()).await?;
+    }
+}
+
+/// Blocking client used by `vswitchctl` and tests: sends `req`, returns the
+/// `data` on success or the daemon's error message.
+pub fn request(socket: &Path, req: &Request) -> Result<Value, ClientError> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| ClientError::Connect {
+        socket: socket.to_path_buf(),
+        source: e,
+    })?;
+    let t = Some(Duration::from_secs(30));
+    s.set_read_timeout(t).map_err(ClientError::Io)?;
+    s.set_write_timeout(t).map_err(ClientError::Io)?;
+    let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(ClientError::Io)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).map_err(ClientError::Io)?;
+    let v: Value = serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if v.get("ok") == Some(&Value::Bool(true)) {
+        Ok(v.get("data").cloned().unwrap_or(Value::Null))
+    } else {
+        Err(ClientError::Daemon(
+            v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string(),
+        ))
+    }
+}
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No daemon at the socket.
+    #[error("cannot reach vswitchd at {}: {source} (is it running? pass --socket if it uses another path)", socket.display())]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// I/O on the connection.
+    #[error("control socket: {0}")]
+    Io(std::io::Error),
+    /// The answer was not what the protocol says.
+    #[error("unexpected answer from vswitchd: {0}")]
+    Protocol(String),
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Daemon(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        assert_eq!(serde_json::to_string(&Request::Show {}).unwrap(), r#"{"cmd":"show"}"#);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"fdb","network":"acme/web"}"#).unwrap(),
+            Request::Fdb { network: Some("acme/web".into()) }
+        );
+        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"fdb"}"#).unwrap(), Request::Fdb { network: None });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"show","x":1}"#).is_err());
+    }
+}

@@ -1,0 +1,341 @@
+//! Data-plane workers and the snapshot they read.
+//!
+//! Each worker thread owns an epoll set holding the receive side of some
+//! ports (port id modulo the number of workers). On wake-up it reads the
+//! clock once, loads the current [`Snapshot`] once (an `arc-swap` load, no
+//! lock), and runs every frame it reads to completion: decide, then write to
+//! the egress tap(s). Reads per port per wake-up are bounded by
+//! [`RX_BATCH`] so one busy port cannot starve the others (epoll is
+//! level-triggered: a port with more to read is reported again).
+//!
+//! The control plane builds a new snapshot on reload and swaps it in;
+//! workers see it on their next wake-up. Ports that survive a reload keep
+//! their `Arc`s (tap, counters), so their traffic never notices.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use packet::{MacAddr, PacketBuf};
+use rustix::event::epoll;
+use rustix::event::{eventfd, EventfdFlags};
+
+use crate::clock::Timestamp;
+use crate::config::{Config, Network};
+use crate::fdb::PortId;
+use crate::pipeline::{Bridge, DropReason, Ingress, Verdict};
+use crate::tap::Tap;
+
+/// Most frames read from one port per wake-up.
+pub const RX_BATCH: usize = 64;
+/// Most epoll events handled per wake-up.
+const MAX_EVENTS: usize = 64;
+/// epoll user data of the stop eventfd.
+const WAKE_TOKEN: u64 = u64::MAX;
+
+/// Per-port counters, shared by all workers (relaxed atomics: they are
+/// statistics, not synchronisation). They survive reloads.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    /// Frames received from the port (sent by the VM); a super-frame is one.
+    pub rx_packets: AtomicU64,
+    /// Bytes received (Ethernet frame bytes).
+    pub rx_bytes: AtomicU64,
+    /// Frames written to the port.
+    pub tx_packets: AtomicU64,
+    /// Bytes written.
+    pub tx_bytes: AtomicU64,
+    drops: [AtomicU64; DropReason::COUNT],
+}
+
+impl PortCounters {
+    /// Counts one dropped frame.
+    #[inline]
+    pub fn count_drop(&self, r: DropReason) {
+        self.drops[r.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops counted for `r`.
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.drops[r.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// A tap as the data plane holds it.
+#[derive(Debug)]
+pub struct TapHandle {
+    /// The device.
+    pub tap: Tap,
+    /// Set when reads fail for good (the device was destroyed, e.g. its
+    /// namespace deleted); a reload re-creates the tap.
+    pub detached: AtomicBool,
+}
+
+/// A port as the data path sees it, rebuilt on each reload around the
+/// long-lived tap and counters.
+#[derive(Debug)]
+pub struct PortRt {
+    /// Index in [`Snapshot::ports`], stable across reloads.
+    pub id: PortId,
+    /// Port name.
+    pub name: String,
+    /// Tenant name.
+    pub tenant: String,
+    /// Index of its network in [`Snapshot::networks`].
+    pub net: usize,
+    /// Configured MAC.
+    pub mac: MacAddr,
+    /// Configured IP.
+    pub ip: Option<IpAddr>,
+    /// Port security on.
+    pub port_security: bool,
+    /// The tap.
+    pub tap: Arc<TapHandle>,
+    /// Counters.
+    pub counters: Arc<PortCounters>,
+}
+
+impl PortRt {
+    fn ingress(&self) -> Ingress {
+        Ingress {
+            id: self.id,
+            mac: self.mac,
+            port_security: self.port_security,
+        }
+    }
+}
+
+/// A network as the data path sees it.
+#[derive(Debug)]
+pub struct NetworkRt {
+    /// Its config.
+    pub cfg: Network,
+    /// Its ports, in config order.
+    pub ports: Vec<PortId>,
+    /// L2 switching (MAC table), kept across reloads.
+    pub bridge: Arc<Bridge>,
+}
+
+/// Everything the data path reads, swapped whole on reload.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Ports by id; `None` for free ids.
+    pub ports: Vec<Option<Arc<PortRt>>>,
+    /// Networks in config order.
+    pub networks: Vec<NetworkRt>,
+    /// The config this was built from.
+    pub config: Arc<Config>,
+}
+
+impl Snapshot {
+    /// The port with `id`, if it exists.
+    #[inline]
+    pub fn port(&self, id: PortId) -> Option<&Arc<PortRt>> {
+        self.ports.get(id as usize).and_then(|p| p.as_ref())
+    }
+
+    /// Live ports.
+    pub fn iter_ports(&self) -> impl Iterator<Item = &Arc<PortRt>> {
+        self.ports.iter().flatten()
+    }
+
+    /// Runs the pipeline for a frame received on `ingress`.
+    #[inline]
+    pub fn process(&self, ingress: &PortRt, buf: &PacketBuf, now: Timestamp) -> Verdict {
+        match self.networks.get(ingress.net) {
+            Some(net) => net.bridge.decide(&ingress.ingress(), buf.frame(), now),
+            // Cannot happen for a snapshot built by the daemon; never panic.
+            None => Verdict::Drop(DropReason::EgressError),
+        }
+    }
+}
+
+/// The worker threads.
+#[derive(Debug)]
+pub struct Workers {
+    epolls: Vec<Arc<OwnedFd>>,
+    wake: Arc<OwnedFd>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Starts `n` workers reading `shared`.
+    pub fn start(n: usize, shared: Arc<ArcSwap<Snapshot>>) -> io::Result<Workers> {
+        let n = n.max(1);
+        let wake = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut epolls = Vec::with_capacity(n);
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let ep = Arc::new(epoll::create(epoll::CreateFlags::CLOEXEC)?);
+            epoll::add(&*ep, &*wake, epoll::EventData::new_u64(WAKE_TOKEN), epoll::EventFlags::IN)?;
+            let (ep2, shared2, stop2) = (ep.clone(), shared.clone(), stop.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("vs-worker-{i}"))
+                .spawn(move || worker_loop(i, &ep2, &shared2, &stop2))?;
+            epolls.push(ep);
+            handles.push(h);
+        }
+        Ok(Workers {
+            epolls,
+            wake,
+            stop,
+            handles,
+        })
+    }
+
+    /// Number of workers.
+    pub fn len(&self) -> usize {
+        self.epolls.len()
+    }
+
+    /// Always false (at least one worker runs).
+    pub fn is_empty(&self) -> bool {
+        self.epolls.is_empty()
+    }
+
+    fn epoll_of(&self, id: PortId) -> &OwnedFd {
+        &self.epolls[id as usize % self.epolls.len()]
+    }
+
+    /// Starts polling port `id`'s tap. The port must already be in the
+    /// published snapshot.
+    pub fn register(&self, id: PortId, tap: &TapHandle) -> io::Result<()> {
+        epoll::add(
+            self.epoll_of(id),
+            tap.tap.as_fd(),
+            epoll::EventData::new_u64(u64::from(id)),
+            epoll::EventFlags::IN,
+        )?;
+        Ok(())
+    }
+
+    /// Stops polling port `id`'s tap (before it leaves the snapshot).
+    pub fn unregister(&self, id: PortId, tap: &TapHandle) {
+        // ENOENT: a worker already removed it after a fatal read error.
+        let _ = epoll::delete(self.epoll_of(id), tap.tap.as_fd());
+    }
+
+    /// Stops and joins all workers.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn worker_loop(idx: usize, ep: &OwnedFd, shared: &ArcSwap<Snapshot>, stop: &AtomicBool) {
+    tracing::debug!(worker = idx, "worker started");
+    let mut events: Vec<epoll::Event> = Vec::with_capacity(MAX_EVENTS);
+    let mut buf = PacketBuf::new();
+    while !stop.load(Ordering::Relaxed) {
+        events.clear();
+        match epoll::wait(ep, rustix::buffer::spare_capacity(&mut events), None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::error!(worker = idx, error = %e, "epoll_wait failed; worker stops");
+                return;
+            }
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let now = Timestamp::now();
+        let snap = shared.load();
+        for ev in &events {
+            let token = ev.data.u64();
+            if token == WAKE_TOKEN {
+                continue;
+            }
+            let Ok(id) = PortId::try_from(token) else { continue };
+            // A port removed by a reload since the event was queued.
+            let Some(port) = snap.port(id) else { continue };
+            poll_port(ep, &snap, port, &mut buf, now);
+        }
+    }
+    tracing::debug!(worker = idx, "worker stopped");
+}
+
+/// Reads up to [`RX_BATCH`] frames from `port` and runs each to completion.
+fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, buf: &mut PacketBuf, now: Timestamp) {
+    for _ in 0..RX_BATCH {
+        match port.tap.tap.recv(buf) {
+            Ok(Ok(())) => {
+                port.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                port.counters.rx_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                let verdict = snap.process(port, buf, now);
+                deliver(snap, port, buf, verdict);
+            }
+            Ok(Err(_bad_hdr)) => {
+                port.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                port.counters.count_drop(DropReason::BadVnetHdr);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // EBADFD/EIO: the device is gone (its namespace was deleted).
+                // Stop polling it, or level-triggered epoll would spin.
+                if !port.tap.detached.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(port = %port.name, tap = port.tap.tap.name(), error = %e,
+                        "tap read failed; port detached until the next reload");
+                }
+                let _ = epoll::delete(ep, port.tap.tap.as_fd());
+                return;
+            }
+        }
+    }
+}
+
+fn deliver(snap: &Snapshot, ingress: &PortRt, buf: &PacketBuf, verdict: Verdict) {
+    match verdict {
+        Verdict::Forward(id) => match snap.port(id) {
+            Some(egress) => transmit(egress, buf),
+            None => ingress.counters.count_drop(DropReason::EgressError),
+        },
+        Verdict::Flood => {
+            if let Some(net) = snap.networks.get(ingress.net) {
+                for &id in &net.ports {
+                    if id != ingress.id {
+                        if let Some(egress) = snap.port(id) {
+                            transmit(egress, buf);
+                        }
+                    }
+                }
+            }
+        }
+        Verdict::Drop(r) => ingress.counters.count_drop(r),
+    }
+}
+
+/// Writes `buf` to `egress`, counting success or the drop on the egress port.
+#[inline]
+fn transmit(egress: &PortRt, buf: &PacketBuf) {
+    if egress.tap.detached.load(Ordering::Relaxed) {
+        egress.counters.count_drop(DropReason::EgressDetached);
+        return;
+    }
+    // A tap takes every offload from userspace (`Tap::tx_offloads`), so
+    // super-frames and partial checksums pass through untouched here;
+    // egress kinds with fewer capabilities (VXLAN without UDP GSO) fall
+    // back to `packet::gso` in their own transmit path.
+    match egress.tap.tap.send(&buf.offload, buf.frame()) {
+        Ok(()) => {
+            egress.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+            egress.counters.tx_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        Err(e) => egress.counters.count_drop(match e.raw_os_error() {
+            Some(libc::EIO) => DropReason::EgressDown,
+            Some(libc::EAGAIN) => DropReason::EgressBusy,
+            Some(libc::EBADFD) | Some(libc::ENODEV) => DropReason::EgressDetached,
+            _ => DropReason::EgressError,
+        }),
+    }
+}

@@ -1,0 +1,203 @@
+//! Tap devices with the virtio-net header: the only module with `unsafe`.
+//!
+//! Why our own module: the `tun-tap` crate has no vnet header support, and
+//! the rest of what we need is five ioctls. The device is opened
+//! `O_RDWR|O_NONBLOCK|O_CLOEXEC` with `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`, the
+//! header size set to 12 (`virtio_net_hdr_mrg_rxbuf`), and offloads turned
+//! on with `TUNSETOFFLOAD` so the kernel hands us checksum-partial TSO/USO
+//! super-frames instead of segmenting them. Frames are read and written with
+//! `readv`/`writev` so the header and the frame live in separate buffers and
+//! the frame keeps its headroom.
+
+#![allow(unsafe_code)]
+
+use std::ffi::c_int;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use packet::{Offload, OffloadCaps, OffloadError, PacketBuf, VNET_HDR_LEN};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::{IoSlice, IoSliceMut};
+
+// <linux/if_tun.h>: _IOW('T', n, int) and _IOR('T', n, unsigned int).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNGETFEATURES: libc::c_ulong = 0x8004_54cf;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+const TUN_F_CSUM: libc::c_uint = 0x01;
+const TUN_F_TSO4: libc::c_uint = 0x02;
+const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
+
+/// `struct ifreq` as TUNSETIFF reads it: the name, then `ifr_flags` at the
+/// start of the 24-byte union.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// An open tap device.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+    /// What the kernel agreed to hand us (and therefore what the VM side's
+    /// netdev advertises as TX offloads).
+    rx_offloads: OffloadCaps,
+}
+
+impl Tap {
+    /// Creates (or attaches to a persistent) tap named `name`.
+    pub fn open(name: &str) -> io::Result<Tap> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+        }
+        let fd = rustix::fs::open(
+            "/dev/net/tun",
+            OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+
+        let mut features: libc::c_uint = 0;
+        // SAFETY: TUNGETFEATURES writes one unsigned int through the pointer,
+        // which points at a live, properly aligned local.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETFEATURES, &mut features as *mut libc::c_uint) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if features & (IFF_VNET_HDR as libc::c_uint) == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the kernel's tun driver has no IFF_VNET_HDR",
+            ));
+        }
+
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads (and may write back the name into) a
+        // `struct ifreq`; `IfReq` has its layout and size (40 bytes) and
+        // lives for the call.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+
+        let hdr_len = VNET_HDR_LEN as c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len as *const c_int) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+
+        let rx_offloads = set_offloads(&fd)?;
+        Ok(Tap {
+            fd,
+            name: name.to_string(),
+            rx_offloads,
+        })
+    }
+
+    /// Device name as created.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Offloads the kernel hands us on receive.
+    pub fn rx_offloads(&self) -> OffloadCaps {
+        self.rx_offloads
+    }
+
+    /// What we may hand the kernel on transmit: with a vnet header, the tap
+    /// accepts any GSO type and partial checksums and finishes the work in
+    /// the receiving stack.
+    pub fn tx_offloads(&self) -> OffloadCaps {
+        OffloadCaps::ALL
+    }
+
+    /// Makes the device outlive this process (or not).
+    pub fn set_persist(&self, persist: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes its argument by value.
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(persist)) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads one frame into `buf`. `Ok(Ok(()))`: a frame with valid offload
+    /// metadata; `Ok(Err(_))`: a frame whose vnet header we refuse (drop it);
+    /// `Err(WouldBlock)`: nothing to read.
+    pub fn recv(&self, buf: &mut PacketBuf) -> io::Result<Result<(), OffloadError>> {
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let n = {
+            let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf.rx_area())];
+            rustix::io::readv(&self.fd, &mut iov)?
+        };
+        if n < VNET_HDR_LEN {
+            buf.set_received(0);
+            return Ok(Err(OffloadError::Truncated));
+        }
+        buf.set_received(n - VNET_HDR_LEN);
+        match Offload::from_vnet_hdr(&hdr) {
+            Ok(o) => {
+                buf.offload = o;
+                Ok(Ok(()))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Writes one frame with its offload metadata.
+    pub fn send(&self, offload: &Offload, frame: &[u8]) -> io::Result<()> {
+        let hdr = offload.to_vnet_hdr();
+        let iov = [IoSlice::new(&hdr), IoSlice::new(frame)];
+        let n = rustix::io::writev(&self.fd, &iov)?;
+        if n != VNET_HDR_LEN + frame.len() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write to tap"));
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Enables checksum, TSO4/6 (+ECN) and, where the kernel has it (6.2+),
+/// USO. Returns what was enabled.
+fn set_offloads(fd: &OwnedFd) -> io::Result<OffloadCaps> {
+    let base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+    for (flags, uso) in [(base | TUN_F_USO4 | TUN_F_USO6, true), (base, false)] {
+        // SAFETY: TUNSETOFFLOAD takes its flags by value.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        if rc == 0 {
+            return Ok(OffloadCaps {
+                csum: true,
+                tso4: true,
+                tso6: true,
+                uso,
+            });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::Unsupported, "TUNSETOFFLOAD refused checksum/TSO offloads"))
+}

@@ -1,0 +1,248 @@
+//! Bad config files: refused at start-up (exit 2) and on reload (kept running).
+
+use std::process::Command;
+use std::time::Duration;
+
+use vswitch_tests::*;
+
+struct Case {
+    label: &'static str,
+    toml: String,
+    /// each group: at least one of its strings must appear in stderr (besides
+    /// the file path)
+    expect: Vec<Vec<String>>,
+}
+
+fn port_block(name: &str, network: &str, tap: &str, mac: &str, ip: &str) -> String {
+    format!(
+        "  [[tenant.port]]\n  name = \"{name}\"\n  network = \"{network}\"\n  tap = \"{tap}\"\n  \
+         mac = \"{mac}\"\n  ip = \"{ip}\"\n"
+    )
+}
+
+fn cases(n: &Names) -> Vec<Case> {
+    let (p1, p2) = (n.port("x"), n.port("y"));
+    let (t1, t2) = (n.tap("x"), n.tap("y"));
+    let head =
+        "[[tenant]]\nname = \"acme\"\n  [[tenant.network]]\n  name = \"web\"\n  vni = 1001\n  \
+                cidr = \"10.0.1.0/24\"\n";
+    vec![
+        Case {
+            label: "unknown-network",
+            toml: format!(
+                "{head}{}{}",
+                port_block(&p1, "web", &t1, "02:00:00:00:01:01", "10.0.1.10"),
+                port_block(&p2, "nope", &t2, "02:00:00:00:01:02", "10.0.1.11")
+            ),
+            expect: vec![vec![format!("port \"{p2}\"")], vec!["\"nope\"".into()]],
+        },
+        Case {
+            label: "duplicate-vni",
+            toml: format!(
+                "{head}{}[[tenant]]\nname = \"other\"\n  [[tenant.network]]\n  name = \"dupnet\"\n  \
+                 vni = 1001\n  cidr = \"10.0.2.0/24\"\n",
+                port_block(&p1, "web", &t1, "02:00:00:00:01:01", "10.0.1.10"),
+            ),
+            expect: vec![
+                vec!["network \"dupnet\"".into(), "network \"web\"".into()],
+                vec!["1001".into(), "vni".into()],
+            ],
+        },
+        Case {
+            label: "ip-outside-cidr",
+            toml: format!(
+                "{head}{}",
+                port_block(&p1, "web", &t1, "02:00:00:00:01:01", "10.9.9.9")
+            ),
+            expect: vec![
+                vec![format!("port \"{p1}\"")],
+                vec!["10.9.9.9".into(), "cidr".into()],
+            ],
+        },
+        Case {
+            label: "bad-mac",
+            toml: format!(
+                "{head}{}",
+                port_block(&p1, "web", &t1, "02:00:zz:00:01:01", "10.0.1.10")
+            ),
+            expect: vec![vec![format!("port \"{p1}\"")], vec!["mac".into()]],
+        },
+        Case {
+            label: "multicast-mac",
+            toml: format!(
+                "{head}{}",
+                port_block(&p1, "web", &t1, "03:00:00:00:01:01", "10.0.1.10")
+            ),
+            expect: vec![vec![format!("port \"{p1}\"")], vec!["mac".into()]],
+        },
+        Case {
+            label: "unknown-key",
+            toml: format!(
+                "{head}{}  colour = \"red\"\n",
+                port_block(&p1, "web", &t1, "02:00:00:00:01:01", "10.0.1.10")
+            ),
+            expect: vec![vec!["colour".into()]],
+        },
+    ]
+}
+
+#[test]
+fn bad_config() {
+    if !netns_or_skip() {
+        return;
+    }
+    let n = Names::new("bad");
+    let dir = TestDir::new();
+    let b = bins();
+    let mut failures = Vec::new();
+    for case in cases(&n) {
+        let path = dir.write(&format!("{}.toml", case.label), &case.toml);
+        let path_s = path.to_string_lossy().into_owned();
+        let sock = dir.file(&format!("{}.sock", case.label));
+        let mut cmd = Command::new(&b.vswitchd);
+        cmd.arg("--config").arg(&path).arg("--socket").arg(&sock);
+        let out = run_timeout(&mut cmd, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let mut problems = Vec::new();
+        if out.status.code() != Some(2) {
+            problems.push(format!("exit status {} (want 2)", out.status));
+        }
+        if !stderr.contains(&path_s) {
+            problems.push(format!("stderr does not name the file {path_s}"));
+        }
+        for group in &case.expect {
+            if !group.iter().any(|e| stderr.contains(e.as_str())) {
+                problems.push(format!("stderr does not contain any of {group:?}"));
+            }
+        }
+        // --check must refuse it too
+        let mut check = Command::new(&b.vswitchd);
+        check.arg("--config").arg(&path).arg("--check");
+        let co = run_timeout(&mut check, Duration::from_secs(10));
+        if co.status.success() {
+            problems.push("`vswitchd --check` accepted the file".into());
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "case {}: {}\n  file:\n{}\n  {}",
+                case.label,
+                problems.join("; "),
+                case.toml,
+                fmt_output(&out).replace('\n', "\n  ")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "bad configs not refused as documented:\n\n{}",
+        failures.join("\n\n")
+    );
+
+    // control: a good file passes --check
+    let good =
+        dir.write(
+            "good.toml",
+            &format!(
+            "[[tenant]]\nname = \"acme\"\n  [[tenant.network]]\n  name = \"web\"\n  vni = 1001\n  \
+             cidr = \"10.0.1.0/24\"\n{}",
+            port_block(&n.port("x"), "web", &n.tap("x"), "02:00:00:00:01:01", "10.0.1.10")
+        ),
+        );
+    let mut check = Command::new(&b.vswitchd);
+    check.arg("--config").arg(&good).arg("--check");
+    let co = run_timeout(&mut check, Duration::from_secs(10));
+    assert!(
+        co.status.success(),
+        "--check of a good file:\n{}",
+        fmt_output(&co)
+    );
+}
+
+#[test]
+fn reload_bad_config_keeps_running() {
+    if !netns_or_skip() || !tools_or_skip(&["ping"]) {
+        return;
+    }
+    let n = Names::new("rbk");
+    let dir = TestDir::new();
+    let (k1, k2) = (n.port("k1"), n.port("k2"));
+    let mut cfg = Config::new();
+    let t = cfg.tenant("acme");
+    t.network("web", 1001, "10.0.5.0/24");
+    t.port(&k1, "web", &n.tap("k1"), "02:00:0a:00:05:01", "10.0.5.1");
+    t.port(&k2, "web", &n.tap("k2"), "02:00:0a:00:05:02", "10.0.5.2");
+    let path = dir.file("vswitch.toml");
+    cfg.write(&path);
+
+    let sw = Switch::start(&dir, &path);
+    let lab = Lab::up(&path, &cfg.port_names());
+    lab.assert_ping(&k1, "10.0.5.2", 2);
+
+    // bad: k2 moves to a network that does not exist, plus a new port
+    let mut bad = cfg.clone();
+    bad.tenant_mut("acme").ports[1].network = "nope".into();
+    bad.tenant_mut("acme").port(
+        &n.port("k3"),
+        "web",
+        &n.tap("k3"),
+        "02:00:0a:00:05:03",
+        "10.0.5.3",
+    );
+    bad.write(&path);
+    let path_s = path.to_string_lossy().into_owned();
+
+    for json in [true, false] {
+        let mut cmd = Command::new(&bins().vswitchctl);
+        cmd.arg("--socket").arg(sw.socket());
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.arg("reload");
+        let out = run_timeout(&mut cmd, Duration::from_secs(15));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "vswitchctl {}reload of a bad file must exit 1:\n{}",
+            if json { "--json " } else { "" },
+            fmt_output(&out)
+        );
+        assert!(
+            stderr.contains(&path_s) && stderr.contains(&format!("port \"{k2}\"")),
+            "reload error must name the file and port \"{k2}\":\n{}",
+            fmt_output(&out)
+        );
+    }
+
+    // still running with the old config
+    let show = sw.show();
+    let mut names: Vec<String> = show["ports"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![k1.clone(), k2.clone()],
+        "show after bad reload: {show}"
+    );
+    let p2 = find_port(&show, &k2).expect("k2");
+    assert_eq!(p2["network"], "web", "k2 after bad reload: {p2}");
+    assert!(!host_link_exists(&n.tap("k3")), "bad reload created a tap");
+    lab.assert_ping(&k1, "10.0.5.2", 3);
+
+    // SIGHUP with the bad file: same, the daemon keeps running
+    sw.signal(rustix::process::Signal::HUP);
+    lab.assert_ping(&k2, "10.0.5.1", 3);
+    assert_eq!(
+        sw.show()["ports"].as_array().map(Vec::len),
+        Some(2),
+        "SIGHUP with a bad file changed the port set"
+    );
+    // restore the good file so `vslab down` can read it
+    cfg.write(&path);
+}

@@ -1,0 +1,74 @@
+//! Two VMs in one network: ping and TCP (iperf3) through vswitchd.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use vswitch_tests::*;
+
+#[test]
+fn l2_two_vms() {
+    if !netns_or_skip() || !tools_or_skip(&["ping", "iperf3", "ss"]) {
+        return;
+    }
+    let n = Names::new("l2v");
+    let dir = TestDir::new();
+    let (vm1, vm2) = (n.port("v1"), n.port("v2"));
+    let mut cfg = Config::new();
+    let t = cfg.tenant("acme");
+    t.network("web", 1001, "10.0.1.0/24").gateway = Some("10.0.1.1".into());
+    t.port(&vm1, "web", &n.tap("v1"), "02:00:0a:00:01:0a", "10.0.1.10");
+    t.port(&vm2, "web", &n.tap("v2"), "02:00:0a:00:01:0b", "10.0.1.11");
+    let path = dir.file("vswitch.toml");
+    cfg.write(&path);
+
+    let sw = Switch::start(&dir, &path);
+    let lab = Lab::up(&path, &cfg.port_names());
+
+    // ping: exit 0, no loss
+    let out = lab.exec(&vm1, &["ping", "-n", "-c", "3", "-W", "2", "10.0.1.11"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(" 0% packet loss"),
+        "ping vm1 -> vm2:\n{}",
+        fmt_output(&out)
+    );
+
+    // TCP: iperf3 for 3 s
+    let mut server = lab.spawn(&dir, &vm2, "iperf3-server", &["iperf3", "-s", "-1"]);
+    assert!(
+        wait_tcp_listen(&vm2, 5201, Duration::from_secs(10)),
+        "iperf3 server did not listen: {}",
+        server.stderr()
+    );
+    let out = lab.exec_timeout(
+        &vm1,
+        &["iperf3", "-c", "10.0.1.11", "-t", "3", "-J"],
+        Duration::from_secs(25),
+    );
+    assert!(out.status.success(), "iperf3 client:\n{}", fmt_output(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J prints JSON");
+    assert!(
+        report.get("error").is_none(),
+        "iperf3 error: {}",
+        report["error"]
+    );
+    let bytes = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(
+        bytes > 10_000_000,
+        "iperf3 received only {bytes} bytes in 3 s (want > 10 MB)"
+    );
+    server.wait(Duration::from_secs(10));
+
+    // counters of vm1
+    let p = sw.port(&vm1).expect("vm1 in show");
+    assert!(num(&p, "rx_packets") > 0, "vm1 rx_packets: {p}");
+    assert!(num(&p, "tx_packets") > 0, "vm1 tx_packets: {p}");
+    let p2 = sw.port(&vm2).expect("vm2 in show");
+    assert!(
+        num(&p2, "rx_packets") > 0 && num(&p2, "tx_packets") > 0,
+        "vm2: {p2}"
+    );
+    assert_eq!(p["link"], "up", "vm1: {p}");
+    assert_eq!(p["tap"], n.tap("v1").as_str(), "vm1: {p}");
+    assert_eq!(p["mac"], "02:00:0a:00:01:0a", "vm1: {p}");
+}
