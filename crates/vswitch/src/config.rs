@@ -659,7 +659,7 @@ name = "globex"
     #[test]
     fn unknown_key_is_a_syntax_error_with_hint() {
         let e = err(&GOOD.replace("gateway = \"10.0.1.1\"", "gatway = \"10.0.1.1\""));
-        assert!(e.starts_with("t.toml: line 10, column 3: unknown field `gatway`"), "{e}");
+        assert!(e.starts_with("t.toml: line 11, column 3: unknown field `gatway`"), "{e}");
         assert!(e.contains("gatway"), "{e}");
         assert!(e.contains("fix its spelling"), "{e}");
     }
