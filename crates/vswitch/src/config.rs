@@ -297,7 +297,10 @@ impl Validator {
             let titem = format!("tenant {:?}", t.name);
             check_name(self, &titem, "tenant name", &t.name, 32);
             if !tenant_names.insert(t.name.clone()) {
-                self.problem(&titem, "the tenant is defined twice; merge the two [[tenant]] tables or rename one");
+                self.problem(
+                    &titem,
+                    "the tenant is defined twice; merge the two [[tenant]] tables or rename one",
+                );
             }
             tenants.push(t.name.clone());
 
@@ -404,11 +407,17 @@ impl Validator {
         }
 
         for n in &networks {
-            let count = ports.iter().filter(|p| p.tenant == n.tenant && p.network == n.name).count();
+            let count = ports
+                .iter()
+                .filter(|p| p.tenant == n.tenant && p.network == n.name)
+                .count();
             if count > n.mac_table_size {
                 self.problem(
                     format!("tenant {:?}, network {:?}", n.tenant, n.name),
-                    format!("has {count} ports but mac_table_size {}; raise mac_table_size", n.mac_table_size),
+                    format!(
+                        "has {count} ports but mac_table_size {}; raise mac_table_size",
+                        n.mac_table_size
+                    ),
                 );
             }
         }
@@ -425,15 +434,32 @@ impl Validator {
     fn switch(&mut self, s: RawSwitch) -> SwitchSettings {
         let mac_table_size = s.mac_table_size.unwrap_or(DEFAULT_MAC_TABLE_SIZE);
         if !MAC_TABLE_RANGE.contains(&mac_table_size) {
-            self.problem("[switch]", format!("mac_table_size {mac_table_size} is out of range; use {}..={}", MAC_TABLE_RANGE.start(), MAC_TABLE_RANGE.end()));
+            self.problem(
+                "[switch]",
+                format!(
+                    "mac_table_size {mac_table_size} is out of range; use {}..={}",
+                    MAC_TABLE_RANGE.start(),
+                    MAC_TABLE_RANGE.end()
+                ),
+            );
         }
         let aging = s.mac_aging_secs.unwrap_or(DEFAULT_MAC_AGING_SECS);
         if !AGING_RANGE.contains(&aging) {
-            self.problem("[switch]", format!("mac_aging_secs {aging} is out of range; use {}..={}", AGING_RANGE.start(), AGING_RANGE.end()));
+            self.problem(
+                "[switch]",
+                format!(
+                    "mac_aging_secs {aging} is out of range; use {}..={}",
+                    AGING_RANGE.start(),
+                    AGING_RANGE.end()
+                ),
+            );
         }
         let workers = s.workers.unwrap_or(0);
         if workers > MAX_WORKERS {
-            self.problem("[switch]", format!("workers {workers} is more than {MAX_WORKERS}; use 0 for one per core"));
+            self.problem(
+                "[switch]",
+                format!("workers {workers} is more than {MAX_WORKERS}; use 0 for one per core"),
+            );
         }
         SwitchSettings {
             mac_table_size,
@@ -454,7 +480,10 @@ impl Validator {
         let vni = match u32::try_from(n.vni) {
             Ok(v) if (1..=0xff_ffff).contains(&v) => v,
             _ => {
-                self.problem(&item, format!("vni {} is out of range; use 1..=16777215", n.vni));
+                self.problem(
+                    &item,
+                    format!("vni {} is out of range; use 1..=16777215", n.vni),
+                );
                 return None;
             }
         };
@@ -465,17 +494,36 @@ impl Validator {
         let cidr: IpNet = match n.cidr.parse() {
             Ok(c) => c,
             Err(_) => {
-                self.problem(&item, format!("cidr {:?} is not a prefix; write it like \"10.0.1.0/24\"", n.cidr));
+                self.problem(
+                    &item,
+                    format!(
+                        "cidr {:?} is not a prefix; write it like \"10.0.1.0/24\"",
+                        n.cidr
+                    ),
+                );
                 return None;
             }
         };
         if cidr.trunc() != cidr {
-            self.problem(&item, format!("cidr {cidr} has host bits set; did you mean {}?", cidr.trunc()));
+            self.problem(
+                &item,
+                format!(
+                    "cidr {cidr} has host bits set; did you mean {}?",
+                    cidr.trunc()
+                ),
+            );
         }
         let cidr = cidr.trunc();
         let mac_table_size = n.mac_table_size.unwrap_or(switch.mac_table_size);
         if !MAC_TABLE_RANGE.contains(&mac_table_size) {
-            self.problem(&item, format!("mac_table_size {mac_table_size} is out of range; use {}..={}", MAC_TABLE_RANGE.start(), MAC_TABLE_RANGE.end()));
+            self.problem(
+                &item,
+                format!(
+                    "mac_table_size {mac_table_size} is out of range; use {}..={}",
+                    MAC_TABLE_RANGE.start(),
+                    MAC_TABLE_RANGE.end()
+                ),
+            );
         }
         let mut net = Network {
             tenant: tenant.to_string(),
@@ -487,7 +535,10 @@ impl Validator {
         };
         if let Some(g) = n.gateway {
             match g.parse::<IpAddr>() {
-                Err(_) => self.problem(&item, format!("gateway {g:?} is not an IP address; write it like \"10.0.1.1\"")),
+                Err(_) => self.problem(
+                    &item,
+                    format!("gateway {g:?} is not an IP address; write it like \"10.0.1.1\""),
+                ),
                 Ok(ip) => match host_address_problem(&net, ip) {
                     Some(why) => self.problem(&item, format!("gateway {ip} {why}")),
                     None => net.gateway = Some(ip),
@@ -502,15 +553,24 @@ impl Validator {
 fn host_address_problem(net: &Network, ip: IpAddr) -> Option<String> {
     let cidr = net.cidr;
     if !cidr.contains(&ip) {
-        return Some(format!("is outside the network's cidr {cidr}; pick an address inside it"));
+        return Some(format!(
+            "is outside the network's cidr {cidr}; pick an address inside it"
+        ));
     }
     if let IpNet::V4(v4) = cidr {
-        if v4.prefix_len() < 31 && (ip == IpAddr::V4(v4.network()) || ip == IpAddr::V4(v4.broadcast())) {
-            return Some(format!("is the network or broadcast address of {cidr}; pick a host address"));
+        if v4.prefix_len() < 31
+            && (ip == IpAddr::V4(v4.network()) || ip == IpAddr::V4(v4.broadcast()))
+        {
+            return Some(format!(
+                "is the network or broadcast address of {cidr}; pick a host address"
+            ));
         }
     }
     if Some(ip) == net.gateway {
-        return Some(format!("is the gateway of network {:?}; pick another address", net.name));
+        return Some(format!(
+            "is the gateway of network {:?}; pick another address",
+            net.name
+        ));
     }
     None
 }
@@ -533,7 +593,10 @@ pub fn check_ifname(name: &str) -> Result<(), &'static str> {
         Err("is not 1-15 bytes long")
     } else if name == "." || name == ".." {
         Err("is not a valid interface name")
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
         Err("contains '/', ':', white space or a control character")
     } else {
         Ok(())
@@ -626,13 +689,21 @@ name = "globex"
     #[test]
     fn duplicate_vni_across_tenants() {
         let e = err(&GOOD.replace("vni = 2001", "vni = 1001"));
-        assert!(e.contains("tenant \"globex\", network \"web\": vni 1001 is also used by network acme/web"), "{e}");
+        assert!(
+            e.contains(
+                "tenant \"globex\", network \"web\": vni 1001 is also used by network acme/web"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn ip_checks() {
         let e = err(&GOOD.replacen("ip = \"10.0.1.10\"", "ip = \"10.0.2.10\"", 1));
-        assert!(e.contains("port \"vm1\": ip 10.0.2.10 is outside the network's cidr 10.0.1.0/24"), "{e}");
+        assert!(
+            e.contains("port \"vm1\": ip 10.0.2.10 is outside the network's cidr 10.0.1.0/24"),
+            "{e}"
+        );
         let e = err(&GOOD.replacen("ip = \"10.0.1.10\"", "ip = \"10.0.1.1\"", 1));
         assert!(e.contains("is the gateway"), "{e}");
         let e = err(&GOOD.replacen("ip = \"10.0.1.10\"", "ip = \"10.0.1.255\"", 1));
@@ -644,22 +715,34 @@ name = "globex"
     #[test]
     fn mac_checks() {
         let e = err(&GOOD.replacen("02:00:0a:00:01:0a", "01:00:5e:00:00:01", 1));
-        assert!(e.contains("port \"vm1\": mac 01:00:5e:00:00:01 is a multicast"), "{e}");
+        assert!(
+            e.contains("port \"vm1\": mac 01:00:5e:00:00:01 is a multicast"),
+            "{e}"
+        );
         let e = err(&GOOD.replacen("02:00:0a:00:01:0a", "zz", 1));
-        assert!(e.contains("port \"vm1\": mac: \"zz\" is not a MAC address"), "{e}");
+        assert!(
+            e.contains("port \"vm1\": mac: \"zz\" is not a MAC address"),
+            "{e}"
+        );
         let dup = GOOD.replacen(
             "  name = \"vm2\"\n  network = \"web\"\n",
             "  name = \"vm2\"\n  network = \"web\"\n  mac = \"02:00:0a:00:01:0a\"\n",
             1,
         );
         let e = err(&dup);
-        assert!(e.contains("port \"vm2\": mac 02:00:0a:00:01:0a is already used"), "{e}");
+        assert!(
+            e.contains("port \"vm2\": mac 02:00:0a:00:01:0a is already used"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_key_is_a_syntax_error_with_hint() {
         let e = err(&GOOD.replace("gateway = \"10.0.1.1\"", "gatway = \"10.0.1.1\""));
-        assert!(e.starts_with("t.toml: line 11, column 3: unknown field `gatway`"), "{e}");
+        assert!(
+            e.starts_with("t.toml: line 11, column 3: unknown field `gatway`"),
+            "{e}"
+        );
         assert!(e.contains("gatway"), "{e}");
         assert!(e.contains("fix its spelling"), "{e}");
     }
@@ -667,22 +750,39 @@ name = "globex"
     #[test]
     fn names_taps_and_ranges() {
         let e = err(&GOOD.replace("name = \"vm1\"", "name = \"a-very-long-port-name\""));
-        assert!(e.contains("port name \"a-very-long-port-name\" is not valid"), "{e}");
+        assert!(
+            e.contains("port name \"a-very-long-port-name\" is not valid"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("name = \"g1\"", "name = \"vm1\""));
-        assert!(e.contains("port \"vm1\": another port has the same name"), "{e}");
+        assert!(
+            e.contains("port \"vm1\": another port has the same name"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("mac_table_size = 1024", "mac_table_size = 1"));
-        assert!(e.contains("[switch]: mac_table_size 1 is out of range"), "{e}");
+        assert!(
+            e.contains("[switch]: mac_table_size 1 is out of range"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("vni = 1001", "vni = 16777216"));
         assert!(e.contains("vni 16777216 is out of range"), "{e}");
-        let e = err(&GOOD.replace("cidr = \"10.0.1.0/24\"\n  gateway", "cidr = \"10.0.1.5/24\"\n  gateway"));
+        let e = err(&GOOD.replace(
+            "cidr = \"10.0.1.0/24\"\n  gateway",
+            "cidr = \"10.0.1.5/24\"\n  gateway",
+        ));
         assert!(e.contains("did you mean 10.0.1.0/24"), "{e}");
     }
 
     #[test]
     fn reports_every_problem() {
-        let text = GOOD.replace("vni = 2001", "vni = 0").replace("ip = \"10.0.1.10\"\n  [[tenant.port]]", "ip = \"x\"\n  [[tenant.port]]");
+        let text = GOOD.replace("vni = 2001", "vni = 0").replace(
+            "ip = \"10.0.1.10\"\n  [[tenant.port]]",
+            "ip = \"x\"\n  [[tenant.port]]",
+        );
         match parse(&text) {
-            Err(ConfigError::Invalid { problems, .. }) => assert!(problems.len() >= 2, "{problems:?}"),
+            Err(ConfigError::Invalid { problems, .. }) => {
+                assert!(problems.len() >= 2, "{problems:?}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -705,6 +805,10 @@ name = "globex"
                 n += 1;
             }
         }
-        assert!(n >= 2, "expected at least two examples in {}", dir.display());
+        assert!(
+            n >= 2,
+            "expected at least two examples in {}",
+            dir.display()
+        );
     }
 }

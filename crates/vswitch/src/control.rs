@@ -73,7 +73,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running vswitchd; stop it or pass --socket", path.display()),
+                format!(
+                    "{} is in use by a running vswitchd; stop it or pass --socket",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(path)?;
@@ -130,7 +133,8 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<
             return Ok(());
         }
         if line.len() > MAX_REQUEST {
-            let msg = json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")});
+            let msg =
+                json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")});
             w.write_all(format!("{msg}\n").as_bytes()).await?;
             return Ok(());
         }
@@ -148,10 +152,11 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<
 /// `data` on success or the daemon's error message.
 pub fn request(socket: &Path, req: &Request) -> Result<Value, ClientError> {
     use std::io::{BufRead, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| ClientError::Connect {
-        socket: socket.to_path_buf(),
-        source: e,
-    })?;
+    let mut s =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| ClientError::Connect {
+            socket: socket.to_path_buf(),
+            source: e,
+        })?;
     let t = Some(Duration::from_secs(30));
     s.set_read_timeout(t).map_err(ClientError::Io)?;
     s.set_write_timeout(t).map_err(ClientError::Io)?;
@@ -159,13 +164,19 @@ pub fn request(socket: &Path, req: &Request) -> Result<Value, ClientError> {
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(ClientError::Io)?;
     let mut answer = String::new();
-    std::io::BufReader::new(s).read_line(&mut answer).map_err(ClientError::Io)?;
-    let v: Value = serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    std::io::BufReader::new(s)
+        .read_line(&mut answer)
+        .map_err(ClientError::Io)?;
+    let v: Value =
+        serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))?;
     if v.get("ok") == Some(&Value::Bool(true)) {
         Ok(v.get("data").cloned().unwrap_or(Value::Null))
     } else {
         Err(ClientError::Daemon(
-            v.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string(),
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error")
+                .to_string(),
         ))
     }
 }
@@ -198,12 +209,20 @@ mod tests {
 
     #[test]
     fn request_wire_format() {
-        assert_eq!(serde_json::to_string(&Request::Show {}).unwrap(), r#"{"cmd":"show"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Show {}).unwrap(),
+            r#"{"cmd":"show"}"#
+        );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"fdb","network":"acme/web"}"#).unwrap(),
-            Request::Fdb { network: Some("acme/web".into()) }
+            Request::Fdb {
+                network: Some("acme/web".into())
+            }
         );
-        assert_eq!(serde_json::from_str::<Request>(r#"{"cmd":"fdb"}"#).unwrap(), Request::Fdb { network: None });
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"fdb"}"#).unwrap(),
+            Request::Fdb { network: None }
+        );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"rm -rf"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"show","x":1}"#).is_err());
     }

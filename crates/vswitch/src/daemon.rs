@@ -132,7 +132,8 @@ impl Daemon {
     pub fn reload(&self) -> Result<ReloadReport, String> {
         let path = self.config().path.clone();
         let cfg = Config::load(&path).map_err(|e| e.to_string())?;
-        self.apply(cfg).map_err(|e| format!("{}: {e}; the running config is kept", path.display()))
+        self.apply(cfg)
+            .map_err(|e| format!("{}: {e}; the running config is kept", path.display()))
     }
 
     /// Applies `new` (see the module docs for the order of steps).
@@ -157,8 +158,12 @@ impl Daemon {
                     port: p.name.clone(),
                     tap: p.tap.clone(),
                     hint: match source.raw_os_error() {
-                        Some(libc::EBUSY) => "; another process holds that tap: stop it or set another tap name",
-                        Some(libc::EINVAL) => "; an interface of another kind has that name: set another tap name",
+                        Some(libc::EBUSY) => {
+                            "; another process holds that tap: stop it or set another tap name"
+                        }
+                        Some(libc::EINVAL) => {
+                            "; an interface of another kind has that name: set another tap name"
+                        }
                         Some(libc::EPERM) => "; vswitchd needs CAP_NET_ADMIN (run as root)",
                         _ => "",
                     },
@@ -234,12 +239,17 @@ impl Daemon {
             let key = n.key();
             let b = match st.bridges.get(&key) {
                 Some(b) => {
-                    b.fdb().write().set_limits(n.mac_table_size, new.switch.mac_aging);
+                    b.fdb()
+                        .write()
+                        .set_limits(n.mac_table_size, new.switch.mac_aging);
                     b.clone()
                 }
                 None => {
                     report.added_networks.push(key.0.clone());
-                    Arc::new(Bridge::new(Fdb::new(n.mac_table_size, new.switch.mac_aging)))
+                    Arc::new(Bridge::new(Fdb::new(
+                        n.mac_table_size,
+                        new.switch.mac_aging,
+                    )))
                 }
             };
             bridges.insert(key, b);
@@ -335,7 +345,8 @@ impl Daemon {
             w.stop();
         }
         let mut st = self.state.lock();
-        self.shared.store(Arc::new(empty_snapshot(st.config.clone())));
+        self.shared
+            .store(Arc::new(empty_snapshot(st.config.clone())));
         st.ports.clear();
         st.bridges.clear();
     }
@@ -465,11 +476,15 @@ fn build_snapshot(
     let mut networks = Vec::with_capacity(cfg.networks.len());
     for n in &cfg.networks {
         let key = n.key();
-        let Some(bridge) = bridges.get(&key) else { continue };
+        let Some(bridge) = bridges.get(&key) else {
+            continue;
+        };
         let idx = networks.len();
         let mut ids = Vec::new();
         for p in cfg.ports.iter().filter(|p| p.net_key() == key) {
-            let Some(ps) = ports.get(&p.name) else { continue };
+            let Some(ps) = ports.get(&p.name) else {
+                continue;
+            };
             ids.push(ps.id);
             by_id[ps.id as usize] = Some(Arc::new(PortRt {
                 id: ps.id,

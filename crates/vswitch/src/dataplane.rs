@@ -173,7 +173,12 @@ impl Workers {
         let mut handles = Vec::with_capacity(n);
         for i in 0..n {
             let ep = Arc::new(epoll::create(epoll::CreateFlags::CLOEXEC)?);
-            epoll::add(&*ep, &*wake, epoll::EventData::new_u64(WAKE_TOKEN), epoll::EventFlags::IN)?;
+            epoll::add(
+                &*ep,
+                &*wake,
+                epoll::EventData::new_u64(WAKE_TOKEN),
+                epoll::EventFlags::IN,
+            )?;
             let (ep2, shared2, stop2) = (ep.clone(), shared.clone(), stop.clone());
             let h = std::thread::Builder::new()
                 .name(format!("vs-worker-{i}"))
@@ -255,7 +260,9 @@ fn worker_loop(idx: usize, ep: &OwnedFd, shared: &ArcSwap<Snapshot>, stop: &Atom
             if token == WAKE_TOKEN {
                 continue;
             }
-            let Ok(id) = PortId::try_from(token) else { continue };
+            let Ok(id) = PortId::try_from(token) else {
+                continue;
+            };
             // A port removed by a reload since the event was queued.
             let Some(port) = snap.port(id) else { continue };
             poll_port(ep, &snap, port, &mut buf, now);
@@ -270,7 +277,9 @@ fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, buf: &mut PacketBuf, 
         match port.tap.tap.recv(buf) {
             Ok(Ok(())) => {
                 port.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
-                port.counters.rx_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                port.counters
+                    .rx_bytes
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 let verdict = snap.process(port, buf, now);
                 deliver(snap, port, buf, verdict);
             }
@@ -329,7 +338,10 @@ fn transmit(egress: &PortRt, buf: &PacketBuf) {
     match egress.tap.tap.send(&buf.offload, buf.frame()) {
         Ok(()) => {
             egress.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
-            egress.counters.tx_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            egress
+                .counters
+                .tx_bytes
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
         }
         Err(e) => egress.counters.count_drop(match e.raw_os_error() {
             Some(libc::EIO) => DropReason::EgressDown,

@@ -354,10 +354,9 @@ impl Fdb {
             .map(|(p, _)| *p)?;
         loop {
             let (mac, seq) = self.buckets.get_mut(&victim_port)?.order.pop_front()?;
-            let current = self
-                .map
-                .get(&mac)
-                .is_some_and(|e| e.seq == seq && e.port == victim_port && e.kind == EntryKind::Dynamic);
+            let current = self.map.get(&mac).is_some_and(|e| {
+                e.seq == seq && e.port == victim_port && e.kind == EntryKind::Dynamic
+            });
             if current {
                 self.remove(&mac);
                 self.stats.evicted += 1;

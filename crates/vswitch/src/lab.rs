@@ -111,11 +111,17 @@ fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
             std::thread::sleep(Duration::from_millis(50));
         }
         ip(ns, &["link", "set", "dev", &p.tap, "netns", ns])?;
-        ip(ns, &["-n", ns, "link", "set", "dev", &p.tap, "name", "eth0"])?;
+        ip(
+            ns,
+            &["-n", ns, "link", "set", "dev", &p.tap, "name", "eth0"],
+        )?;
         state = "attached";
     }
     let mac = p.mac.to_string();
-    ip(ns, &["-n", ns, "link", "set", "dev", "eth0", "address", &mac])?;
+    ip(
+        ns,
+        &["-n", ns, "link", "set", "dev", "eth0", "address", &mac],
+    )?;
     let mut addr = String::from("no address");
     if let (Some(ipa), Some(net)) = (p.ip, cfg.network_of(p)) {
         addr = format!("{ipa}/{}", net.cidr.prefix_len());
@@ -138,7 +144,12 @@ pub fn down(cfg: &Config, mut progress: impl FnMut(&str)) -> Result<(), LabError
         }
         if ip_ok(&["-n", ns, "link", "show", "dev", "eth0"]) {
             let _ = ip(ns, &["-n", ns, "link", "set", "dev", "eth0", "down"]);
-            if ip(ns, &["-n", ns, "link", "set", "dev", "eth0", "name", &p.tap]).is_ok() {
+            if ip(
+                ns,
+                &["-n", ns, "link", "set", "dev", "eth0", "name", &p.tap],
+            )
+            .is_ok()
+            {
                 let _ = ip(ns, &["-n", ns, "link", "set", "dev", &p.tap, "netns", &me]);
             }
         }
@@ -152,7 +163,9 @@ pub fn down(cfg: &Config, mut progress: impl FnMut(&str)) -> Result<(), LabError
 pub fn exec(name: &str, cmd: &[String]) -> Result<i32, LabError> {
     let valid = !name.is_empty()
         && name.len() <= 15
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !name.starts_with('.');
     if !valid || !ns_exists(name) {
         return Err(LabError::NoNamespace(name.to_string()));

@@ -129,7 +129,10 @@ impl Bridge {
     /// unicast, broadcast and multicast within the network only.
     #[inline]
     pub fn decide(&self, ingress: &Ingress, frame: &[u8], now: Timestamp) -> Verdict {
-        let (Some(dst), Some(src)) = (MacAddr::from_slice(frame), frame.get(6..).and_then(MacAddr::from_slice)) else {
+        let (Some(dst), Some(src)) = (
+            MacAddr::from_slice(frame),
+            frame.get(6..).and_then(MacAddr::from_slice),
+        ) else {
             return Verdict::Drop(DropReason::RuntFrame);
         };
         if frame.len() < 14 {
@@ -210,34 +213,63 @@ mod tests {
     }
 
     fn port(id: PortId, mac: MacAddr, port_security: bool) -> Ingress {
-        Ingress { id, mac, port_security }
+        Ingress {
+            id,
+            mac,
+            port_security,
+        }
     }
 
     #[test]
     fn known_unicast_forwards_unknown_floods() {
         let b = bridge();
         let now = Timestamp::ZERO;
-        assert_eq!(b.decide(&port(1, A, true), &frame(B, A), now), Verdict::Forward(2));
-        assert_eq!(b.decide(&port(1, A, true), &frame(C, A), now), Verdict::Flood);
-        assert_eq!(b.decide(&port(1, A, true), &frame(MacAddr::BROADCAST, A), now), Verdict::Flood);
         assert_eq!(
-            b.decide(&port(1, A, true), &frame(MacAddr([0x33, 0x33, 0, 0, 0, 1]), A), now),
+            b.decide(&port(1, A, true), &frame(B, A), now),
+            Verdict::Forward(2)
+        );
+        assert_eq!(
+            b.decide(&port(1, A, true), &frame(C, A), now),
             Verdict::Flood
         );
-        assert_eq!(b.decide(&port(1, A, true), &frame(A, A), now), Verdict::Drop(DropReason::DstSamePort));
+        assert_eq!(
+            b.decide(&port(1, A, true), &frame(MacAddr::BROADCAST, A), now),
+            Verdict::Flood
+        );
+        assert_eq!(
+            b.decide(
+                &port(1, A, true),
+                &frame(MacAddr([0x33, 0x33, 0, 0, 0, 1]), A),
+                now
+            ),
+            Verdict::Flood
+        );
+        assert_eq!(
+            b.decide(&port(1, A, true), &frame(A, A), now),
+            Verdict::Drop(DropReason::DstSamePort)
+        );
     }
 
     #[test]
     fn port_security_and_bad_sources() {
         let b = bridge();
         let now = Timestamp::ZERO;
-        assert_eq!(b.decide(&port(1, A, true), &frame(B, C), now), Verdict::Drop(DropReason::SrcMacSpoofed));
+        assert_eq!(
+            b.decide(&port(1, A, true), &frame(B, C), now),
+            Verdict::Drop(DropReason::SrcMacSpoofed)
+        );
         assert_eq!(
             b.decide(&port(1, A, true), &frame(B, MacAddr::BROADCAST), now),
             Verdict::Drop(DropReason::SrcMacInvalid)
         );
-        assert_eq!(b.decide(&port(1, A, true), &frame(B, A)[..13], now), Verdict::Drop(DropReason::RuntFrame));
-        assert_eq!(b.decide(&port(1, A, true), &[], now), Verdict::Drop(DropReason::RuntFrame));
+        assert_eq!(
+            b.decide(&port(1, A, true), &frame(B, A)[..13], now),
+            Verdict::Drop(DropReason::RuntFrame)
+        );
+        assert_eq!(
+            b.decide(&port(1, A, true), &[], now),
+            Verdict::Drop(DropReason::RuntFrame)
+        );
         // Nothing was learned from the spoofed frame.
         assert_eq!(b.fdb().read().lookup(&C), None);
     }
@@ -250,9 +282,15 @@ mod tests {
         let other = MacAddr([2, 9, 9, 9, 9, 9]);
         assert_eq!(b.decide(&p3, &frame(A, other), now), Verdict::Forward(1));
         assert_eq!(b.fdb().read().lookup(&other), Some(3));
-        assert_eq!(b.decide(&port(1, A, true), &frame(other, A), now), Verdict::Forward(3));
+        assert_eq!(
+            b.decide(&port(1, A, true), &frame(other, A), now),
+            Verdict::Forward(3)
+        );
         // Claiming A's configured MAC from port 3 is refused and counted.
-        assert_eq!(b.decide(&p3, &frame(B, A), now), Verdict::Drop(DropReason::SrcMacHijack));
+        assert_eq!(
+            b.decide(&p3, &frame(B, A), now),
+            Verdict::Drop(DropReason::SrcMacHijack)
+        );
         assert_eq!(b.fdb().read().lookup(&A), Some(1));
         assert_eq!(b.fdb().read().stats().hijack_refused, 1);
     }
@@ -262,7 +300,8 @@ mod tests {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
         }
-        let names: std::collections::HashSet<_> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        let names: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), DropReason::COUNT);
     }
 

@@ -60,7 +60,10 @@ impl Tap {
     /// Creates (or attaches to a persistent) tap named `name`.
     pub fn open(name: &str) -> io::Result<Tap> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "bad interface name",
+            ));
         }
         let fd = rustix::fs::open(
             "/dev/net/tun",
@@ -71,7 +74,13 @@ impl Tap {
         let mut features: libc::c_uint = 0;
         // SAFETY: TUNGETFEATURES writes one unsigned int through the pointer,
         // which points at a live, properly aligned local.
-        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETFEATURES, &mut features as *mut libc::c_uint) };
+        let rc = unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                TUNGETFEATURES,
+                &mut features as *mut libc::c_uint,
+            )
+        };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -131,7 +140,13 @@ impl Tap {
     /// Makes the device outlive this process (or not).
     pub fn set_persist(&self, persist: bool) -> io::Result<()> {
         // SAFETY: TUNSETPERSIST takes its argument by value.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), TUNSETPERSIST, libc::c_ulong::from(persist)) };
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                TUNSETPERSIST,
+                libc::c_ulong::from(persist),
+            )
+        };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -167,7 +182,10 @@ impl Tap {
         let iov = [IoSlice::new(&hdr), IoSlice::new(frame)];
         let n = rustix::io::writev(&self.fd, &iov)?;
         if n != VNET_HDR_LEN + frame.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write to tap"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short write to tap",
+            ));
         }
         Ok(())
     }
@@ -199,5 +217,8 @@ fn set_offloads(fd: &OwnedFd) -> io::Result<OffloadCaps> {
             return Err(err);
         }
     }
-    Err(io::Error::new(io::ErrorKind::Unsupported, "TUNSETOFFLOAD refused checksum/TSO offloads"))
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "TUNSETOFFLOAD refused checksum/TSO offloads",
+    ))
 }

@@ -41,7 +41,7 @@ enum Cmd {
     },
 }
 
-fn load(file: &PathBuf) -> Result<Config, ExitCode> {
+fn load(file: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(file).map_err(|e| {
         for line in e.to_string().lines() {
             eprintln!("error: {line}");

@@ -40,7 +40,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let req = match &args.cmd {
         Cmd::Show => Request::Show {},
-        Cmd::Fdb { network } => Request::Fdb { network: network.clone() },
+        Cmd::Fdb { network } => Request::Fdb {
+            network: network.clone(),
+        },
         Cmd::Reload => Request::Reload {},
     };
     match control::request(&args.socket, &req) {
@@ -77,8 +79,15 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         Cmd::Fdb { .. } => render_fdb(d),
         Cmd::Reload => {
             let list = |k: &str| {
-                let v: Vec<String> = d[k].as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default();
-                if v.is_empty() { "-".to_string() } else { v.join(", ") }
+                let v: Vec<String> = d[k]
+                    .as_array()
+                    .map(|a| a.iter().map(s).collect())
+                    .unwrap_or_default();
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(", ")
+                }
             };
             format!(
                 "reloaded\n  ports added:      {}\n  ports removed:    {}\n  ports changed:    {}\n  networks added:   {}\n  networks removed: {}\n",
@@ -100,9 +109,15 @@ fn render_show(d: &Value) -> String {
         s(&d["config"]),
         s(&d["uptime_secs"]),
         s(&d["workers"]),
-        if on.is_empty() { "-".to_string() } else { on.join(",") }
+        if on.is_empty() {
+            "-".to_string()
+        } else {
+            on.join(",")
+        }
     );
-    let mut t = Table::new(&["TENANT", "NETWORK", "VNI", "CIDR", "GATEWAY", "PORTS", "MACS"]);
+    let mut t = Table::new(&[
+        "TENANT", "NETWORK", "VNI", "CIDR", "GATEWAY", "PORTS", "MACS",
+    ]);
     for n in d["networks"].as_array().into_iter().flatten() {
         t.row(vec![
             s(&n["tenant"]),
@@ -117,7 +132,8 @@ fn render_show(d: &Value) -> String {
     out.push_str(&t.render());
     out.push('\n');
     let mut t = Table::new(&[
-        "PORT", "TENANT", "NETWORK", "TAP", "MAC", "IP", "LINK", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES", "DROPS",
+        "PORT", "TENANT", "NETWORK", "TAP", "MAC", "IP", "LINK", "RX PKTS", "RX BYTES", "TX PKTS",
+        "TX BYTES", "DROPS",
     ]);
     for p in d["ports"].as_array().into_iter().flatten() {
         let drops: Vec<String> = p["drops"]
@@ -136,7 +152,11 @@ fn render_show(d: &Value) -> String {
             s(&p["rx_bytes"]),
             s(&p["tx_packets"]),
             s(&p["tx_bytes"]),
-            if drops.is_empty() { "0".into() } else { drops.join(" ") },
+            if drops.is_empty() {
+                "0".into()
+            } else {
+                drops.join(" ")
+            },
         ]);
     }
     out.push_str(&t.render());
@@ -155,7 +175,12 @@ fn render_fdb(d: &Value) -> String {
         ));
         let mut t = Table::new(&["  MAC", "PORT", "KIND", "AGE"]);
         for e in n["entries"].as_array().into_iter().flatten() {
-            t.row(vec![format!("  {}", s(&e["mac"])), s(&e["port"]), s(&e["kind"]), format!("{}s", s(&e["age_secs"]))]);
+            t.row(vec![
+                format!("  {}", s(&e["mac"])),
+                s(&e["port"]),
+                s(&e["kind"]),
+                format!("{}s", s(&e["age_secs"])),
+            ]);
         }
         out.push_str(&t.render());
         out.push('\n');

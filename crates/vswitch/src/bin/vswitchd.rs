@@ -60,7 +60,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the control runtime: {e}");
