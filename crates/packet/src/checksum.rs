@@ -91,10 +91,7 @@ pub fn udp_nonzero(csum: u16) -> u16 {
 /// upper-layer length.
 #[inline]
 pub fn pseudo_header_v4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: u16) -> u64 {
-    u64::from(u32::from(src))
-        + u64::from(u32::from(dst))
-        + u64::from(proto)
-        + u64::from(l4_len)
+    u64::from(u32::from(src)) + u64::from(u32::from(dst)) + u64::from(proto) + u64::from(l4_len)
 }
 
 /// Sum of the IPv6 pseudo header (RFC 8200 section 8.1): addresses,
@@ -121,13 +118,7 @@ pub fn update32(csum: u16, old: u32, new: u32) -> u16 {
     let words = |v: u32| [(v >> 16) as u16, v as u16];
     let [o1, o2] = words(old);
     let [n1, n2] = words(new);
-    !fold(
-        u64::from(!csum)
-            + u64::from(!o1)
-            + u64::from(!o2)
-            + u64::from(n1)
-            + u64::from(n2),
-    )
+    !fold(u64::from(!csum) + u64::from(!o1) + u64::from(!o2) + u64::from(n1) + u64::from(n2))
 }
 
 /// [`update16`] for a field of any length (an IPv6 address, a MAC, a port
@@ -163,7 +154,11 @@ mod tests {
     fn reference(data: &[u8]) -> u16 {
         let mut s: u32 = 0;
         for (i, b) in data.iter().enumerate() {
-            s += if i % 2 == 0 { u32::from(*b) << 8 } else { u32::from(*b) };
+            s += if i % 2 == 0 {
+                u32::from(*b) << 8
+            } else {
+                u32::from(*b)
+            };
             s = (s & 0xffff) + (s >> 16);
         }
         !(s as u16)
@@ -216,7 +211,10 @@ mod tests {
         assert_eq!(fold(add(ps, sum(l4))), 0xffff, "UDP/IPv4 checksum verifies");
 
         let mut v6 = Vec::new();
-        let (s, d) = ([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfe; 16]);
+        let (s, d) = (
+            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0xfe; 16],
+        );
         PacketBuilder::ipv6(s, d, 64)
             .tcp(1, 2, 3, 4)
             .write(&mut v6, &payload)
@@ -265,7 +263,7 @@ mod tests {
         #[test]
         fn fast_sum_matches_reference(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             prop_assert_eq!(checksum(&data), reference(&data));
-            let c = etherparse::checksum::Sum16BitWords::new().add_slice(&data).ones_complement();
+            let c = etherparse::checksum::Sum16BitWords::new().add_slice(&data).ones_complement().to_be();
             prop_assert_eq!(checksum(&data), c);
         }
 

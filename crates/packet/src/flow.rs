@@ -750,7 +750,9 @@ pub(crate) mod tests {
         assert_eq!(ip.ttl, 63);
         assert_eq!(ip.src, "fd00::1".parse::<IpAddr>().unwrap());
         assert_eq!(k.l4_offset, 54);
-        assert!(matches!(k.l4, L4::Tcp { src_port: 443, dst_port: 50000, flags } if flags == tcp_flags::ACK));
+        assert!(
+            matches!(k.l4, L4::Tcp { src_port: 443, dst_port: 50000, flags } if flags == tcp_flags::ACK)
+        );
     }
 
     #[test]
@@ -766,7 +768,13 @@ pub(crate) mod tests {
         assert_eq!((k.vlan, k.inner_vlan), (Some(100), Some(200)));
         assert_eq!(k.ethertype, 0x0800);
         assert_eq!(k.l3_offset, 22);
-        assert_eq!(k.l4, L4::Udp { src_port: 1, dst_port: 2 });
+        assert_eq!(
+            k.l4,
+            L4::Udp {
+                src_port: 1,
+                dst_port: 2
+            }
+        );
 
         // A third tag: switched at L2 only, flagged.
         let mut t = v[..18].to_vec();
@@ -810,8 +818,8 @@ pub(crate) mod tests {
         x[38..40].copy_from_slice(&4u16.to_be_bytes());
         assert_eq!(m(&x), Some(Malformed::UdpBadLength));
         let t6 = tcp6(0);
-        assert_eq!(m(&t6[..50]), Some(Malformed::Ipv6PayloadLenBeyondFrame));
-        assert_eq!(m(&t6[..40]), Some(Malformed::Ipv6Truncated));
+        assert_eq!(m(&t6[..60]), Some(Malformed::Ipv6PayloadLenBeyondFrame));
+        assert_eq!(m(&t6[..50]), Some(Malformed::Ipv6Truncated));
     }
 
     #[test]
@@ -854,7 +862,13 @@ pub(crate) mod tests {
         let k = FlowKey::parse(&f).unwrap();
         let ip = k.ip().unwrap();
         assert_eq!((ip.proto, ip.frag), (17, Frag::First));
-        assert_eq!(k.l4, L4::Udp { src_port: 5, dst_port: 6 });
+        assert_eq!(
+            k.l4,
+            L4::Udp {
+                src_port: 5,
+                dst_port: 6
+            }
+        );
         assert_eq!(k.l4_offset, 62);
         assert_eq!(k.malformed, None);
         // later fragment
@@ -873,7 +887,14 @@ pub(crate) mod tests {
             .write(&mut v, &[0; 8])
             .unwrap();
         let k = FlowKey::parse(&v).unwrap();
-        assert_eq!(k.l4, L4::Icmpv4 { ty: 8, code: 0, ident: 0x1234 });
+        assert_eq!(
+            k.l4,
+            L4::Icmpv4 {
+                ty: 8,
+                code: 0,
+                ident: 0x1234
+            }
+        );
         let mut v = Vec::new();
         PacketBuilder::ethernet2(SRC, DST)
             .ipv6([1; 16], [2; 16], 64)
@@ -881,7 +902,14 @@ pub(crate) mod tests {
             .write(&mut v, &[])
             .unwrap();
         let k = FlowKey::parse(&v).unwrap();
-        assert_eq!(k.l4, L4::Icmpv6 { ty: 129, code: 0, ident: 0x4321 });
+        assert_eq!(
+            k.l4,
+            L4::Icmpv6 {
+                ty: 129,
+                code: 0,
+                ident: 0x4321
+            }
+        );
     }
 
     /// Valid frames of every kind the builder makes.
@@ -906,12 +934,30 @@ pub(crate) mod tests {
                 macro_rules! finish {
                     ($step:expr) => {
                         match kind {
-                            0 => $step.ipv4(a4, [9, 9, 9, 9], 64).tcp(sp, dp, seq, 100).write(&mut out, &payload),
-                            1 => $step.ipv4(a4, [9, 9, 9, 9], 64).udp(sp, dp).write(&mut out, &payload),
-                            2 => $step.ipv6(a6, [9; 16], 64).tcp(sp, dp, seq, 100).write(&mut out, &payload),
-                            3 => $step.ipv6(a6, [9; 16], 64).udp(sp, dp).write(&mut out, &payload),
-                            4 => $step.ipv4(a4, [9, 9, 9, 9], 64).icmpv4_echo_request(sp, dp).write(&mut out, &payload),
-                            _ => $step.ipv6(a6, [9; 16], 64).icmpv6_echo_request(sp, dp).write(&mut out, &payload),
+                            0 => $step
+                                .ipv4(a4, [9, 9, 9, 9], 64)
+                                .tcp(sp, dp, seq, 100)
+                                .write(&mut out, &payload),
+                            1 => $step
+                                .ipv4(a4, [9, 9, 9, 9], 64)
+                                .udp(sp, dp)
+                                .write(&mut out, &payload),
+                            2 => $step
+                                .ipv6(a6, [9; 16], 64)
+                                .tcp(sp, dp, seq, 100)
+                                .write(&mut out, &payload),
+                            3 => $step
+                                .ipv6(a6, [9; 16], 64)
+                                .udp(sp, dp)
+                                .write(&mut out, &payload),
+                            4 => $step
+                                .ipv4(a4, [9, 9, 9, 9], 64)
+                                .icmpv4_echo_request(sp, dp)
+                                .write(&mut out, &payload),
+                            _ => $step
+                                .ipv6(a6, [9; 16], 64)
+                                .icmpv6_echo_request(sp, dp)
+                                .write(&mut out, &payload),
                         }
                     };
                 }
@@ -930,13 +976,17 @@ pub(crate) mod tests {
         (valid_frame(), 0u8..8, any::<usize>(), any::<u8>()).prop_map(|(mut f, how, at, b)| {
             let n = f.len();
             let l3 = if f[12] == 0x81 || f[12] == 0x88 {
-                if f[16] == 0x81 { 22 } else { 18 }
+                if f[16] == 0x81 {
+                    22
+                } else {
+                    18
+                }
             } else {
                 14
             };
             match how {
                 0 => f.truncate(at % (n + 1)),
-                1 => f[l3] = (f[l3] & 0xf0) | (b & 0x0f) % 5, // IHL < 5
+                1 => f[l3] = (f[l3] & 0xf0) | (b % 5), // IHL < 5
                 2 => {
                     let v = 0xffffu16.saturating_sub(u16::from(b)).to_be_bytes();
                     f[l3 + 2] = v[0]; // IPv4 total length / IPv6 payload length

@@ -209,7 +209,13 @@ mod tests {
         assert_eq!(o.gso, GsoType::TcpV4);
         assert_eq!(o.gso_size, 1448);
         assert_eq!(o.hdr_len, 66);
-        assert_eq!(o.csum, Some(CsumOffload { start: 34, offset: 16 }));
+        assert_eq!(
+            o.csum,
+            Some(CsumOffload {
+                start: 34,
+                offset: 16
+            })
+        );
         assert!(!o.ecn);
         assert_eq!(o.to_vnet_hdr(), raw);
     }
@@ -223,7 +229,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_headers() {
-        assert_eq!(Offload::from_vnet_hdr(&[0; 11]), Err(OffloadError::Truncated));
+        assert_eq!(
+            Offload::from_vnet_hdr(&[0; 11]),
+            Err(OffloadError::Truncated)
+        );
         assert_eq!(
             Offload::from_vnet_hdr(&[0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             Err(OffloadError::UnknownGsoType(2))
@@ -240,7 +249,12 @@ mod tests {
         assert!(OffloadCaps::default().accepts(&o));
         o.gso = GsoType::TcpV6;
         o.gso_size = 1400;
-        assert!(!OffloadCaps { tso4: true, csum: true, ..Default::default() }.accepts(&o));
+        assert!(!OffloadCaps {
+            tso4: true,
+            csum: true,
+            ..Default::default()
+        }
+        .accepts(&o));
         assert!(OffloadCaps::ALL.accepts(&o));
     }
 }
