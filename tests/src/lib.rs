@@ -10,7 +10,7 @@
 //!   test prints a loud SKIP and passes, unless `VSWITCH_REQUIRE_NETNS=1` is set
 //!   (CI), in which case it panics.
 //! - **Binaries.** [`bins`] finds `vswitchd`, `vswitchctl` and `vslab` in
-//!   `$VSWITCH_BIN_DIR`, or builds them once per test process with
+//!   `$VSWITCH_BIN_DIR` (relative paths are taken from the workspace root), or builds them once per test process with
 //!   `cargo build --release -p vswitch --bins`.
 //! - **Unique names.** [`Names`] gives every test a short prefix (3 characters
 //!   of its own plus the process id in hex) so port, namespace and tap names
@@ -54,12 +54,14 @@ fn skip_or_panic(why: &str) -> bool {
     if require_netns() {
         panic!("VSWITCH_REQUIRE_NETNS=1 but namespace tests cannot run: {why}");
     }
-    eprintln!();
-    eprintln!("##################################################################");
-    eprintln!("## SKIP: vswitch namespace test NOT RUN: {why}");
-    eprintln!("## (run as root with iproute2; set VSWITCH_REQUIRE_NETNS=1 to fail)");
-    eprintln!("##################################################################");
-    eprintln!();
+    // Written to fd 2 directly (not `eprintln!`) so the test harness's output
+    // capture cannot hide it.
+    let bar = "#".repeat(66);
+    let msg = format!(
+        "\n{bar}\n## SKIP: vswitch namespace test NOT RUN: {why}\n\
+         ## (run as root with iproute2; VSWITCH_REQUIRE_NETNS=1 turns this into a failure)\n{bar}\n\n"
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
     false
 }
 
@@ -135,7 +137,8 @@ pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
         let dir = match std::env::var_os("VSWITCH_BIN_DIR") {
-            Some(d) => PathBuf::from(d),
+            // relative to the workspace root (cargo runs tests in tests/)
+            Some(d) => workspace_root().join(d),
             None => {
                 let root = workspace_root();
                 let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

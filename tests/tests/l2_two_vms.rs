@@ -71,4 +71,59 @@ fn l2_two_vms() {
     assert_eq!(p["link"], "up", "vm1: {p}");
     assert_eq!(p["tap"], n.tap("v1").as_str(), "vm1: {p}");
     assert_eq!(p["mac"], "02:00:0a:00:01:0a", "vm1: {p}");
+
+    // the documented shape of `show --json` (docs/cli.md)
+    let show = sw.show();
+    for key in [
+        "config",
+        "uptime_secs",
+        "workers",
+        "offloads",
+        "networks",
+        "ports",
+    ] {
+        assert!(show.get(key).is_some(), "show lacks {key:?}: {show}");
+    }
+    for key in ["csum", "tso4", "tso6", "uso"] {
+        assert!(show["offloads"][key].is_boolean(), "offloads.{key}: {show}");
+    }
+    assert_eq!(
+        show["config"],
+        path.to_string_lossy().as_ref(),
+        "show.config"
+    );
+    let net = &show["networks"][0];
+    for (key, want) in [
+        ("tenant", serde_json::json!("acme")),
+        ("name", serde_json::json!("web")),
+        ("vni", serde_json::json!(1001)),
+        ("cidr", serde_json::json!("10.0.1.0/24")),
+        ("gateway", serde_json::json!("10.0.1.1")),
+        ("ports", serde_json::json!([vm1, vm2])),
+        ("mac_table_size", serde_json::json!(8192)),
+    ] {
+        assert_eq!(net[key], want, "show.networks[0].{key}: {net}");
+    }
+    assert!(num(net, "mac_entries") >= 2, "mac_entries: {net}");
+    for key in [
+        "name",
+        "tenant",
+        "network",
+        "tap",
+        "mac",
+        "ip",
+        "port_security",
+        "link",
+        "rx_packets",
+        "rx_bytes",
+        "tx_packets",
+        "tx_bytes",
+        "drops_total",
+        "drops",
+    ] {
+        assert!(p.get(key).is_some(), "show port lacks {key:?}: {p}");
+    }
+    assert_eq!(p["ip"], "10.0.1.10", "vm1: {p}");
+    assert_eq!(p["port_security"], true, "vm1: {p}");
+    assert!(p["drops"].is_object(), "vm1 drops: {p}");
 }

@@ -133,6 +133,10 @@ fn mac_flood() {
         brief(&last)
     );
     assert!(num(&last, "count") <= 8192);
+    eprintln!(
+        "flood: max fdb count {max_count} over {samples} samples; after: {}",
+        brief(&last)
+    );
     lab.assert_ping(&m2, "10.0.2.1", 3);
 
     // ---- port security: 100 frames with foreign source MACs ----

@@ -42,7 +42,18 @@ fn tenant_isolation() {
             port,
             &format!("tcpdump-{port}"),
             &[
-                "tcpdump", "-n", "-U", "-Z", "root", "-s", "0", "-i", "eth0", "-w", &file_s,
+                "tcpdump",
+                "--immediate-mode",
+                "-n",
+                "-U",
+                "-Z",
+                "root",
+                "-s",
+                "0",
+                "-i",
+                "eth0",
+                "-w",
+                &file_s,
             ],
         );
         caps.push((port.clone(), file, bg));
@@ -98,8 +109,10 @@ fn tenant_isolation() {
         assert!(
             n_own >= 5,
             "{port}: capture has {n_own} frames with its own tenant's pattern {own:02x?} \
-             (positive control, want >= 5) out of {} frames",
-            frames.len()
+             (positive control, want >= 5) out of {} frames ({} bytes); tcpdump said: {}",
+            frames.len(),
+            std::fs::metadata(&*file).map(|m| m.len()).unwrap_or(0),
+            bg.stderr()
         );
         assert_eq!(
             n_other, 0,
