@@ -79,7 +79,7 @@ pub struct SwitchSettings {
     pub mac_table_size: usize,
     /// How long a learned MAC lives without being seen.
     pub mac_aging: Duration,
-    /// Data-plane threads; 0 means one per CPU core.
+    /// Data-plane threads; 0 means half the CPU cores, at least one.
     pub workers: usize,
 }
 

@@ -22,7 +22,7 @@ struct Args {
     /// Control socket path.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Data-plane threads (overrides [switch].workers; 0 = one per core).
+    /// Data-plane threads (overrides [switch].workers; 0 = half the cores, at least 1).
     #[arg(long)]
     workers: Option<usize>,
     /// Validate the config file and exit.
