@@ -131,9 +131,10 @@ impl Daemon {
     /// config stays.
     pub fn reload(&self) -> Result<ReloadReport, String> {
         let path = self.config().path.clone();
-        let cfg = Config::load(&path).map_err(|e| e.to_string())?;
+        let kept = "reload refused; the running config is kept";
+        let cfg = Config::load(&path).map_err(|e| format!("{e}\n{kept}"))?;
         self.apply(cfg)
-            .map_err(|e| format!("{}: {e}; the running config is kept", path.display()))
+            .map_err(|e| format!("{}: {e}\n{kept}", path.display()))
     }
 
     /// Applies `new` (see the module docs for the order of steps).

@@ -129,15 +129,13 @@ impl Bridge {
     /// unicast, broadcast and multicast within the network only.
     #[inline]
     pub fn decide(&self, ingress: &Ingress, frame: &[u8], now: Timestamp) -> Verdict {
+        // Both MACs from the first 14 bytes: a shorter frame is a runt.
         let (Some(dst), Some(src)) = (
-            MacAddr::from_slice(frame),
-            frame.get(6..).and_then(MacAddr::from_slice),
+            frame.get(..14).and_then(MacAddr::from_slice),
+            frame.get(6..14).and_then(MacAddr::from_slice),
         ) else {
             return Verdict::Drop(DropReason::RuntFrame);
         };
-        if frame.len() < 14 {
-            return Verdict::Drop(DropReason::RuntFrame);
-        }
         if !src.is_unicast() {
             return Verdict::Drop(DropReason::SrcMacInvalid);
         }
