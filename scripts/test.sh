@@ -13,4 +13,10 @@ echo "==> building release binaries for the namespace tests"
 cargo build --release -p vswitch --bins
 export VSWITCH_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release"
 echo "==> cargo test --workspace"
-cargo test --workspace -- --test-threads="${VSWITCH_TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace -- --test-threads="${VSWITCH_TEST_THREADS:-2}" 2>&1 | tee "$log"
+# One closing line over all test binaries (cargo's last lines are doc-test
+# runs of crates that have none).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
