@@ -105,6 +105,13 @@ impl Network {
     pub fn key(&self) -> NetKey {
         NetKey::new(&self.tenant, &self.name)
     }
+
+    /// The MAC the switch answers ARP with for the gateway address: stable,
+    /// locally administered, distinct per network (a port name cannot
+    /// contain '/', so it never equals a port's derived MAC).
+    pub fn gateway_mac(&self) -> MacAddr {
+        derived_mac(&self.tenant, &format!("gateway/{}", self.name))
+    }
 }
 
 /// A VM NIC.

@@ -10,6 +10,7 @@
 //! the running one in place.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,7 +24,7 @@ use crate::config::{Config, NetKey, Port};
 use crate::dataplane::{NetworkRt, PortCounters, PortRt, Snapshot, TapHandle, Workers};
 use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
-use crate::pipeline::{Bridge, DropReason};
+use crate::pipeline::{Bridge, DropReason, IpOwner, IpOwners};
 use crate::tap::Tap;
 
 /// Why the switch could not start or apply a config.
@@ -307,7 +308,7 @@ impl Daemon {
                 },
             );
         }
-        let snap = build_snapshot(&new, &ports, &bridges);
+        let snap = build_snapshot(&new, &directory, &ports, &bridges);
         self.shared.store(Arc::new(snap));
 
         // 7. Start polling new taps. Old ones left in `st.ports` (removed
@@ -478,6 +479,7 @@ pub fn auto_workers() -> usize {
 
 fn build_snapshot(
     cfg: &Arc<Config>,
+    directory: &dyn Directory,
     ports: &HashMap<String, PortState>,
     bridges: &HashMap<NetKey, Arc<Bridge>>,
 ) -> Snapshot {
@@ -508,10 +510,32 @@ fn build_snapshot(
                 counters: ps.counters.clone(),
             }));
         }
+        let mut ip_owners = IpOwners::new();
+        if let Some(IpAddr::V4(gw)) = n.gateway {
+            ip_owners.insert(
+                gw,
+                IpOwner {
+                    mac: n.gateway_mac(),
+                    port: None,
+                },
+            );
+        }
+        for e in directory.ports_of(&key) {
+            if let (Some(IpAddr::V4(ip)), Some(ps)) = (e.ip, ports.get(&e.name)) {
+                ip_owners.insert(
+                    ip,
+                    IpOwner {
+                        mac: e.mac,
+                        port: Some(ps.id),
+                    },
+                );
+            }
+        }
         networks.push(NetworkRt {
             cfg: n.clone(),
             ports: ids,
             bridge: bridge.clone(),
+            ip_owners,
         });
     }
     Snapshot {

@@ -20,14 +20,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use packet::{MacAddr, PacketBuf};
+use packet::{FlowKey, MacAddr, Offload, PacketBuf};
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::clock::Timestamp;
 use crate::config::{Config, Network};
 use crate::fdb::PortId;
-use crate::pipeline::{Bridge, DropReason, Ingress, Verdict};
+use crate::pipeline::{arp, port_security, Bridge, DropReason, Ingress, IpOwners, Verdict};
 use crate::tap::Tap;
 
 /// Most frames read from one port per wake-up.
@@ -118,6 +118,8 @@ pub struct NetworkRt {
     pub ports: Vec<PortId>,
     /// L2 switching (MAC table), kept across reloads.
     pub bridge: Arc<Bridge>,
+    /// IPv4 address owners (gateway and ports), from the directory.
+    pub ip_owners: IpOwners,
 }
 
 /// Everything the data path reads, swapped whole on reload.
@@ -143,14 +145,27 @@ impl Snapshot {
         self.ports.iter().flatten()
     }
 
-    /// Runs the pipeline for a frame received on `ingress`.
+    /// Runs the pipeline for a frame received on `ingress`: parse once, port
+    /// security, ARP responder, bridge. On [`Verdict::Reply`] the buffer
+    /// holds the answer for the ingress port.
     #[inline]
-    pub fn process(&self, ingress: &PortRt, buf: &PacketBuf, now: Timestamp) -> Verdict {
-        match self.networks.get(ingress.net) {
-            Some(net) => net.bridge.decide(&ingress.ingress(), buf.frame(), now),
-            // Cannot happen for a snapshot built by the daemon; never panic.
-            None => Verdict::Drop(DropReason::EgressError),
+    pub fn process(&self, ingress: &PortRt, buf: &mut PacketBuf, now: Timestamp) -> Verdict {
+        // Cannot fail for a snapshot built by the daemon; never panic.
+        let Some(net) = self.networks.get(ingress.net) else {
+            return Verdict::Drop(DropReason::EgressError);
+        };
+        let Ok(key) = FlowKey::parse(buf.frame()) else {
+            return Verdict::Drop(DropReason::RuntFrame);
+        };
+        let ing = ingress.ingress();
+        if let Err(r) = port_security::check(&ing, &key, &net.ip_owners) {
+            return Verdict::Drop(r);
         }
+        if arp::respond(&ing, &key, &net.ip_owners, buf.frame_mut()) {
+            buf.offload = Offload::NONE;
+            return Verdict::Reply;
+        }
+        net.bridge.decide(&ing, buf.frame(), now)
     }
 }
 
@@ -320,6 +335,7 @@ fn deliver(snap: &Snapshot, ingress: &PortRt, buf: &PacketBuf, verdict: Verdict)
                 }
             }
         }
+        Verdict::Reply => transmit(ingress, buf),
         Verdict::Drop(r) => ingress.counters.count_drop(r),
     }
 }

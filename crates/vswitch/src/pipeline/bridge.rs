@@ -1,10 +1,5 @@
-//! The per-packet pipeline: pure decisions, no file descriptors.
-//!
-//! A worker reads a frame from a port, calls [`Bridge::decide`] (and, as
-//! they land, the stages of later network functions: local services, security
-//! groups, router, NAT, load balancer, VXLAN), and carries out the returned
-//! [`Verdict`]. Every drop names a [`DropReason`], which counters, capture and
-//! trace all read.
+//! The L2 stage: one network's MAC table, source learning and destination
+//! lookup.
 
 use packet::MacAddr;
 use parking_lot::RwLock;
@@ -12,89 +7,9 @@ use parking_lot::RwLock;
 use crate::clock::Timestamp;
 use crate::fdb::{Fdb, Learned, PortId, SrcCheck};
 
-/// Why a frame was dropped. Small and `Copy`: it is counted per port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum DropReason {
-    /// Shorter than an Ethernet header.
-    RuntFrame,
-    /// The virtio-net header was malformed (unknown GSO type, zero gso_size,
-    /// truncated).
-    BadVnetHdr,
-    /// Source MAC is multicast or all-zero.
-    SrcMacInvalid,
-    /// Port security: source MAC is not the port's configured MAC.
-    SrcMacSpoofed,
-    /// Source MAC is another port's configured MAC.
-    SrcMacHijack,
-    /// Destination is the port the frame came from.
-    DstSamePort,
-    /// Egress: the VM side of the tap is down (EIO).
-    EgressDown,
-    /// Egress: the tap's device is gone (its namespace was deleted).
-    EgressDetached,
-    /// Egress: the kernel would block (tap queue full).
-    EgressBusy,
-    /// Egress: any other write error.
-    EgressError,
-    /// Egress needs segmentation or checksum work that failed in software.
-    OffloadFailed,
-}
+use super::{DropReason, Verdict};
 
-impl DropReason {
-    /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 11;
-
-    /// Every reason, in counter order.
-    pub const ALL: [DropReason; DropReason::COUNT] = [
-        DropReason::RuntFrame,
-        DropReason::BadVnetHdr,
-        DropReason::SrcMacInvalid,
-        DropReason::SrcMacSpoofed,
-        DropReason::SrcMacHijack,
-        DropReason::DstSamePort,
-        DropReason::EgressDown,
-        DropReason::EgressDetached,
-        DropReason::EgressBusy,
-        DropReason::EgressError,
-        DropReason::OffloadFailed,
-    ];
-
-    /// Stable snake_case name (counters, JSON, logs).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::RuntFrame => "runt_frame",
-            DropReason::BadVnetHdr => "bad_vnet_hdr",
-            DropReason::SrcMacInvalid => "src_mac_invalid",
-            DropReason::SrcMacSpoofed => "src_mac_spoofed",
-            DropReason::SrcMacHijack => "src_mac_hijack",
-            DropReason::DstSamePort => "dst_same_port",
-            DropReason::EgressDown => "egress_down",
-            DropReason::EgressDetached => "egress_detached",
-            DropReason::EgressBusy => "egress_busy",
-            DropReason::EgressError => "egress_error",
-            DropReason::OffloadFailed => "offload_failed",
-        }
-    }
-
-    /// Index into counter arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Where a frame goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// To one port.
-    Forward(PortId),
-    /// To every other port of the ingress port's network.
-    Flood,
-    /// Nowhere, and why.
-    Drop(DropReason),
-}
-
-/// What the bridge needs to know about the ingress port.
+/// What the stages need to know about the ingress port.
 #[derive(Debug, Clone, Copy)]
 pub struct Ingress {
     /// Port index.
@@ -124,8 +39,8 @@ impl Bridge {
         &self.fdb
     }
 
-    /// Decides where `frame`, received on `ingress` at `now`, goes: port
-    /// security, source learning, destination lookup. Floods unknown
+    /// Decides where `frame`, received on `ingress` at `now`, goes: source
+    /// learning, destination lookup (port security ran before). Floods unknown
     /// unicast, broadcast and multicast within the network only.
     #[inline]
     pub fn decide(&self, ingress: &Ingress, frame: &[u8], now: Timestamp) -> Verdict {
@@ -138,9 +53,6 @@ impl Bridge {
         };
         if !src.is_unicast() {
             return Verdict::Drop(DropReason::SrcMacInvalid);
-        }
-        if ingress.port_security && src != ingress.mac {
-            return Verdict::Drop(DropReason::SrcMacSpoofed);
         }
         let dst_port = {
             let fdb = self.fdb.read();
@@ -253,10 +165,6 @@ mod tests {
         let b = bridge();
         let now = Timestamp::ZERO;
         assert_eq!(
-            b.decide(&port(1, A, true), &frame(B, C), now),
-            Verdict::Drop(DropReason::SrcMacSpoofed)
-        );
-        assert_eq!(
             b.decide(&port(1, A, true), &frame(B, MacAddr::BROADCAST), now),
             Verdict::Drop(DropReason::SrcMacInvalid)
         );
@@ -291,16 +199,6 @@ mod tests {
         );
         assert_eq!(b.fdb().read().lookup(&A), Some(1));
         assert_eq!(b.fdb().read().stats().hijack_refused, 1);
-    }
-
-    #[test]
-    fn drop_reason_table_is_consistent() {
-        for (i, r) in DropReason::ALL.iter().enumerate() {
-            assert_eq!(r.index(), i);
-        }
-        let names: std::collections::HashSet<_> =
-            DropReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert_eq!(names.len(), DropReason::COUNT);
     }
 
     proptest::proptest! {

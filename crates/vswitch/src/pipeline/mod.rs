@@ -1,0 +1,231 @@
+//! The per-packet pipeline: pure decisions, no file descriptors.
+//!
+//! A worker reads a frame from a port, parses it once into a
+//! [`packet::FlowKey`], and runs the stages in order (see
+//! docs/architecture.md): [`port_security`] (the frame's MAC, IP and ARP
+//! addresses must be the port's), [`arp`] (the switch answers ARP for the
+//! addresses it knows), [`bridge`] (MAC learning and lookup), and, as they
+//! land, the stages of later network functions. The result is a
+//! [`Verdict`]; every drop names a [`DropReason`], which counters, capture
+//! and trace all read.
+
+pub mod arp;
+pub mod bridge;
+pub mod port_security;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use packet::MacAddr;
+
+use crate::fdb::PortId;
+
+pub use bridge::{Bridge, Ingress};
+
+/// Who owns an IPv4 address in a network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpOwner {
+    /// The owner's MAC (for the gateway: the network's gateway MAC).
+    pub mac: MacAddr,
+    /// The owning port; `None` when the switch itself owns it (gateway).
+    pub port: Option<PortId>,
+}
+
+/// A network's IPv4 address owners, from the directory: what the ARP
+/// responder answers and what port binding enforces.
+pub type IpOwners = HashMap<Ipv4Addr, IpOwner>;
+
+/// Why a frame was dropped. Small and `Copy`: it is counted per port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header.
+    RuntFrame,
+    /// The virtio-net header was malformed (unknown GSO type, zero gso_size,
+    /// truncated).
+    BadVnetHdr,
+    /// Source MAC is multicast or all-zero.
+    SrcMacInvalid,
+    /// Port security: source MAC is not the port's configured MAC.
+    SrcMacSpoofed,
+    /// Source MAC is another port's configured MAC.
+    SrcMacHijack,
+    /// Destination is the port the frame came from.
+    DstSamePort,
+    /// Port binding: IPv4 source address is not the port's (nor 0.0.0.0 for
+    /// DHCP).
+    IpSrcSpoofed,
+    /// Port binding: ARP sender MAC or IP is not the port's.
+    ArpSpoofed,
+    /// A VM sent a DHCP server message (UDP source port 67).
+    DhcpServerFromVm,
+    /// Port binding: an IPv4 or ARP frame too broken to check its source.
+    L3Malformed,
+    /// Egress: the VM side of the tap is down (EIO).
+    EgressDown,
+    /// Egress: the tap's device is gone (its namespace was deleted).
+    EgressDetached,
+    /// Egress: the kernel would block (tap queue full).
+    EgressBusy,
+    /// Egress: any other write error.
+    EgressError,
+    /// Egress needs segmentation or checksum work that failed in software.
+    OffloadFailed,
+}
+
+impl DropReason {
+    /// Number of reasons (size of per-port counter arrays).
+    pub const COUNT: usize = 15;
+
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::RuntFrame,
+        DropReason::BadVnetHdr,
+        DropReason::SrcMacInvalid,
+        DropReason::SrcMacSpoofed,
+        DropReason::SrcMacHijack,
+        DropReason::DstSamePort,
+        DropReason::IpSrcSpoofed,
+        DropReason::ArpSpoofed,
+        DropReason::DhcpServerFromVm,
+        DropReason::L3Malformed,
+        DropReason::EgressDown,
+        DropReason::EgressDetached,
+        DropReason::EgressBusy,
+        DropReason::EgressError,
+        DropReason::OffloadFailed,
+    ];
+
+    /// Stable snake_case name (counters, JSON, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::RuntFrame => "runt_frame",
+            DropReason::BadVnetHdr => "bad_vnet_hdr",
+            DropReason::SrcMacInvalid => "src_mac_invalid",
+            DropReason::SrcMacSpoofed => "src_mac_spoofed",
+            DropReason::SrcMacHijack => "src_mac_hijack",
+            DropReason::DstSamePort => "dst_same_port",
+            DropReason::IpSrcSpoofed => "ip_src_spoofed",
+            DropReason::ArpSpoofed => "arp_spoofed",
+            DropReason::DhcpServerFromVm => "dhcp_server_from_vm",
+            DropReason::L3Malformed => "l3_malformed",
+            DropReason::EgressDown => "egress_down",
+            DropReason::EgressDetached => "egress_detached",
+            DropReason::EgressBusy => "egress_busy",
+            DropReason::EgressError => "egress_error",
+            DropReason::OffloadFailed => "offload_failed",
+        }
+    }
+
+    /// Index into counter arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Where a frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// To one port.
+    Forward(PortId),
+    /// To every other port of the ingress port's network.
+    Flood,
+    /// The buffer now holds the switch's answer (ARP reply, ...): send it
+    /// back out of the ingress port.
+    Reply,
+    /// Nowhere, and why.
+    Drop(DropReason),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reason_table_is_consistent() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let names: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DropReason::COUNT);
+    }
+}
+
+/// Frames and tables shared by the stage tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    pub const A: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
+    pub const B: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
+    pub const GW: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xfe]);
+    pub const IP_A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    pub const IP_B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+    pub const IP_GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+
+    /// Port 1 owns A/10.0.0.1, port 2 owns B/10.0.0.2, the switch owns the gateway.
+    pub fn owners() -> IpOwners {
+        let mut o = IpOwners::new();
+        o.insert(
+            IP_A,
+            IpOwner {
+                mac: A,
+                port: Some(1),
+            },
+        );
+        o.insert(
+            IP_B,
+            IpOwner {
+                mac: B,
+                port: Some(2),
+            },
+        );
+        o.insert(
+            IP_GW,
+            IpOwner {
+                mac: GW,
+                port: None,
+            },
+        );
+        o
+    }
+
+    pub fn ingress(id: PortId, mac: MacAddr, port_security: bool) -> Ingress {
+        Ingress {
+            id,
+            mac,
+            port_security,
+        }
+    }
+
+    /// An Ethernet/ARP frame (42 bytes, no padding).
+    pub fn arp(eth_src: MacAddr, op: u16, sha: MacAddr, spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+        let mut f = Vec::with_capacity(42);
+        f.extend_from_slice(&MacAddr::BROADCAST.0);
+        f.extend_from_slice(&eth_src.0);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4]);
+        f.extend_from_slice(&op.to_be_bytes());
+        f.extend_from_slice(&sha.0);
+        f.extend_from_slice(&spa.octets());
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&tpa.octets());
+        f
+    }
+
+    /// An Ethernet/IPv4/UDP frame.
+    pub fn udp(src_mac: MacAddr, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(src_mac.0, MacAddr::BROADCAST.0)
+            .ipv4(src.octets(), dst.octets(), 64)
+            .udp(sport, dport)
+            .write(&mut f, &[1, 2, 3, 4])
+            .unwrap();
+        f
+    }
+
+    pub fn key(f: &[u8]) -> packet::FlowKey {
+        packet::FlowKey::parse(f).unwrap()
+    }
+}
