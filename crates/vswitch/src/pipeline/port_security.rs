@@ -37,10 +37,8 @@ pub fn check(ingress: &Ingress, key: &FlowKey, owners: &IpOwners) -> Result<(), 
     }
     let owns = |ip: &std::net::Ipv4Addr| owners.get(ip).is_some_and(|o| o.port == Some(ingress.id));
     match (&key.l3, &key.l4) {
-        (L3::Arp(a), _) => {
-            if a.sha != ingress.mac || !(a.spa.is_unspecified() || owns(&a.spa)) {
-                return Err(DropReason::ArpSpoofed);
-            }
+        (L3::Arp(a), _) if a.sha != ingress.mac || !(a.spa.is_unspecified() || owns(&a.spa)) => {
+            return Err(DropReason::ArpSpoofed);
         }
         (L3::Ipv4(ip), l4) => {
             let std::net::IpAddr::V4(src) = ip.src else {
