@@ -62,7 +62,7 @@ fn craft(lab: &Lab, dir: &TestDir, port: &str, kind: &str, count: u32, args: [&s
 fn start_capture(lab: &Lab, dir: &TestDir, port: &str) -> (std::path::PathBuf, Bg) {
     let file = dir.file(&format!("{port}.pcap"));
     let f = file.to_string_lossy().into_owned();
-    let mut bg = lab.spawn(
+    let bg = lab.spawn(
         dir,
         port,
         &format!("tcpdump-{port}"),
@@ -97,8 +97,11 @@ fn stop_capture(port: &str, file: &std::path::Path, mut bg: Bg) -> Vec<Vec<u8>> 
     pcap::read(file).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// ARP frames in `frames` as (op, sender MAC, sender IP, target IP).
-fn arps(frames: &[Vec<u8>]) -> Vec<(u16, [u8; 6], [u8; 4], [u8; 4])> {
+/// An ARP frame as (op, sender MAC, sender IP, target IP).
+type Arp = (u16, [u8; 6], [u8; 4], [u8; 4]);
+
+/// The ARP frames in `frames`.
+fn arps(frames: &[Vec<u8>]) -> Vec<Arp> {
     frames
         .iter()
         .filter(|f| f.len() >= 42 && f[12..14] == [0x08, 0x06])
@@ -155,8 +158,8 @@ fn arp_is_answered_by_the_switch() {
 
     let in_v3 = arps(&stop_capture(&v3, &f3, c3));
     let in_v2 = arps(&stop_capture(&v2, &f2, c2));
-    let for_v2 = |a: &&(u16, [u8; 6], [u8; 4], [u8; 4])| a.0 == 1 && a.3 == [10, 0, 5, 2];
-    let for_99 = |a: &&(u16, [u8; 6], [u8; 4], [u8; 4])| a.0 == 1 && a.3 == [10, 0, 5, 99];
+    let for_v2 = |a: &&Arp| a.0 == 1 && a.3 == [10, 0, 5, 2];
+    let for_99 = |a: &&Arp| a.0 == 1 && a.3 == [10, 0, 5, 99];
     assert_eq!(
         in_v3.iter().filter(for_v2).count(),
         0,
