@@ -130,6 +130,19 @@ impl PacketBuf {
         true
     }
 
+    /// Replaces the frame with a copy of `frame` at the default headroom,
+    /// keeping this buffer's storage (a worker's receive buffer stays
+    /// full-size); `false` and no change if it does not fit.
+    pub fn replace_frame(&mut self, frame: &[u8]) -> bool {
+        if frame.len() > self.capacity() {
+            return false;
+        }
+        self.data[HEADROOM..HEADROOM + frame.len()].copy_from_slice(frame);
+        self.start = HEADROOM;
+        self.end = HEADROOM + frame.len();
+        true
+    }
+
     /// Cuts the frame to `len` bytes (no-op if already shorter).
     pub fn truncate(&mut self, len: usize) {
         if len < self.len() {
@@ -157,6 +170,16 @@ mod tests {
         assert!(b.push_front(HEADROOM + 1).is_none());
         b.truncate(1);
         assert_eq!(b.frame(), &[1]);
+    }
+
+    #[test]
+    fn replace_frame_keeps_capacity() {
+        let mut b = PacketBuf::with_capacity(100);
+        assert!(b.replace_frame(&[7; 60]));
+        assert_eq!(b.frame(), &[7; 60][..]);
+        assert_eq!(b.capacity(), 100);
+        assert!(!b.replace_frame(&[0; 101]));
+        assert_eq!(b.len(), 60);
     }
 
     #[test]
