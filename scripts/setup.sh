@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vswitch's demo, tests and benchmarks run on a fresh Debian
-# machine: iproute2, ping, iperf3, tcpdump, python3 (the lab's real peers).
+# machine: iproute2, ping, iperf3, tcpdump, python3, the DHCP clients
+# dhclient/udhcpc/dhcpcd and dig (the lab's real peers).
 # Idempotent; needs root for apt-get.
 set -euo pipefail
 
@@ -13,6 +14,10 @@ have tcpdump  || need+=(tcpdump)
 have python3  || need+=(python3)
 have ethtool  || need+=(ethtool)
 have pkill    || need+=(procps)
+have dhclient || need+=(isc-dhcp-client)
+have udhcpc   || need+=(udhcpc)
+have dhcpcd   || need+=(dhcpcd-base)
+have dig      || need+=(dnsutils)
 
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}"

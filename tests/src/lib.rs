@@ -598,6 +598,10 @@ impl Switch {
             .arg(config)
             .arg("--socket")
             .arg(&socket)
+            // Durable state (DHCP leases) per test directory: a restart with
+            // the same TestDir finds the leases again.
+            .arg("--state-dir")
+            .arg(dir.file("state"))
             .stdin(Stdio::null())
             .stdout(logf)
             .stderr(logf2)
@@ -862,6 +866,9 @@ impl Drop for Lab {
             if netns_exists(ns) {
                 let _ = Command::new("ip").args(["netns", "del", ns]).output();
             }
+            // vslab's per-namespace resolv.conf (gone already for ports
+            // still in the config; not for ports a test removed from it).
+            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }
 }

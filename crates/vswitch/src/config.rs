@@ -59,6 +59,28 @@ struct RawNetwork {
     cidr: String,
     gateway: Option<String>,
     mac_table_size: Option<usize>,
+    dhcp: Option<RawDhcp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDhcp {
+    #[serde(default)]
+    pool: Vec<String>,
+    lease_secs: Option<u32>,
+    dns: Option<Vec<String>>,
+    domain: Option<String>,
+    mtu: Option<u16>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    max_leases: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    dest: String,
+    via: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +92,7 @@ struct RawPort {
     ip: Option<String>,
     tap: Option<String>,
     port_security: Option<bool>,
+    hostname: Option<String>,
 }
 
 /// Switch-wide settings (`[switch]`).
@@ -98,6 +121,27 @@ pub struct Network {
     pub gateway: Option<IpAddr>,
     /// MAC table cap for this network.
     pub mac_table_size: usize,
+    /// The DHCP server of this network, if it has one.
+    pub dhcp: Option<DhcpSettings>,
+}
+
+/// `[tenant.network.dhcp]`: the switch's DHCP server for a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpSettings {
+    /// Dynamic pools (inclusive ranges).
+    pub pools: Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// Lease time, seconds.
+    pub lease_secs: u32,
+    /// DNS servers (option 6).
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// Domain name (option 15).
+    pub domain: Option<String>,
+    /// Interface MTU (option 26).
+    pub mtu: Option<u16>,
+    /// Extra routes (option 121).
+    pub routes: Vec<(ipnet::Ipv4Net, std::net::Ipv4Addr)>,
+    /// Most leases at once.
+    pub max_leases: usize,
 }
 
 impl Network {
@@ -129,8 +173,10 @@ pub struct Port {
     pub ip: Option<IpAddr>,
     /// Tap device name.
     pub tap: String,
-    /// Drop frames whose source MAC is not `mac`.
+    /// Only `mac`/`ip` may be used as sources.
     pub port_security: bool,
+    /// DHCP host name (option 12); default: the port name.
+    pub hostname: Option<String>,
 }
 
 impl Port {
@@ -391,6 +437,15 @@ impl Validator {
                         }
                     },
                 };
+                if let Some(h) = &p.hostname {
+                    let label_ok = !h.is_empty()
+                        && h.len() <= 63
+                        && h.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                    if !label_ok {
+                        self.problem(&pitem, format!("hostname {h:?} is not a DNS label; use 1-63 characters of A-Z a-z 0-9 - _"));
+                    }
+                }
                 let tap = p.tap.clone().unwrap_or_else(|| format!("vs-{}", p.name));
                 if let Err(why) = check_ifname(&tap) {
                     if p.tap.is_some() {
@@ -409,6 +464,7 @@ impl Validator {
                     ip,
                     tap,
                     port_security: p.port_security.unwrap_or(true),
+                    hostname: p.hostname,
                 });
             }
         }
@@ -438,29 +494,32 @@ impl Validator {
         }
     }
 
+    /// Reports `key` = `v` outside `range`; true when it is inside.
+    fn in_range<T: PartialOrd + fmt::Display>(
+        &mut self,
+        item: &str,
+        key: &str,
+        v: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> bool {
+        let ok = range.contains(&v);
+        if !ok {
+            let (lo, hi) = range.into_inner();
+            self.problem(item, format!("{key} {v} is out of range; use {lo}..={hi}"));
+        }
+        ok
+    }
+
     fn switch(&mut self, s: RawSwitch) -> SwitchSettings {
         let mac_table_size = s.mac_table_size.unwrap_or(DEFAULT_MAC_TABLE_SIZE);
-        if !MAC_TABLE_RANGE.contains(&mac_table_size) {
-            self.problem(
-                "[switch]",
-                format!(
-                    "mac_table_size {mac_table_size} is out of range; use {}..={}",
-                    MAC_TABLE_RANGE.start(),
-                    MAC_TABLE_RANGE.end()
-                ),
-            );
-        }
+        self.in_range(
+            "[switch]",
+            "mac_table_size",
+            mac_table_size,
+            MAC_TABLE_RANGE,
+        );
         let aging = s.mac_aging_secs.unwrap_or(DEFAULT_MAC_AGING_SECS);
-        if !AGING_RANGE.contains(&aging) {
-            self.problem(
-                "[switch]",
-                format!(
-                    "mac_aging_secs {aging} is out of range; use {}..={}",
-                    AGING_RANGE.start(),
-                    AGING_RANGE.end()
-                ),
-            );
-        }
+        self.in_range("[switch]", "mac_aging_secs", aging, AGING_RANGE);
         let workers = s.workers.unwrap_or(0);
         if workers > MAX_WORKERS {
             self.problem(
@@ -473,6 +532,99 @@ impl Validator {
             mac_aging: Duration::from_secs(aging),
             workers,
         }
+    }
+
+    fn dhcp(&mut self, item: &str, net: &Network, d: RawDhcp) -> Option<DhcpSettings> {
+        let item = format!("{item}, [dhcp]");
+        let (IpNet::V4(cidr), Some(IpAddr::V4(_))) = (net.cidr, net.gateway) else {
+            self.problem(&item, "DHCP needs an IPv4 cidr and a gateway (the server answers from the gateway address); add gateway = \"...\" or remove [dhcp]");
+            return None;
+        };
+        let mut ok = true;
+        let v4 = |what: &str, s: &str, this: &mut Validator| -> Option<std::net::Ipv4Addr> {
+            match s.trim().parse() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    this.problem(&item, format!("{what} {s:?} is not an IPv4 address"));
+                    None
+                }
+            }
+        };
+        let mut pools = Vec::new();
+        for r in &d.pool {
+            let Some((a, b)) = r.split_once('-') else {
+                self.problem(
+                    &item,
+                    format!("pool {r:?} is not a range; write it like \"10.0.1.100-10.0.1.199\""),
+                );
+                ok = false;
+                continue;
+            };
+            match (v4("pool start", a, self), v4("pool end", b, self)) {
+                (Some(a), Some(b)) if a <= b && cidr.contains(&a) && cidr.contains(&b) => {
+                    pools.push((a, b))
+                }
+                (Some(a), Some(b)) => {
+                    self.problem(&item, format!("pool {a}-{b} is reversed or not inside {cidr}; give start <= end inside the network"));
+                    ok = false;
+                }
+                _ => ok = false,
+            }
+        }
+        let mut dns = Vec::new();
+        for s in d.dns.iter().flatten() {
+            match v4("dns", s, self) {
+                Some(a) => dns.push(a),
+                None => ok = false,
+            }
+        }
+        let mut routes = Vec::new();
+        for r in &d.routes {
+            let dest = r.dest.parse::<ipnet::Ipv4Net>();
+            let via = v4("route via", &r.via, self);
+            match (dest, via) {
+                (Ok(dest), Some(via)) if dest.trunc() == dest && cidr.contains(&via) => {
+                    routes.push((dest, via))
+                }
+                (Ok(dest), Some(via)) => {
+                    self.problem(&item, format!("route {dest} via {via}: the destination must be a network address and via must be inside {cidr}"));
+                    ok = false;
+                }
+                (Err(_), _) => {
+                    self.problem(
+                        &item,
+                        format!(
+                            "route dest {:?} is not an IPv4 prefix such as \"192.168.0.0/16\"",
+                            r.dest
+                        ),
+                    );
+                    ok = false;
+                }
+                _ => ok = false,
+            }
+        }
+        if let Some(m) = d.mtu {
+            ok &= self.in_range(&item, "mtu", m, 576..=9000);
+        }
+        let lease_secs = d.lease_secs.unwrap_or(3600);
+        ok &= self.in_range(&item, "lease_secs", lease_secs, 60..=31_536_000);
+        let max_leases = d.max_leases.unwrap_or(4096);
+        ok &= self.in_range(&item, "max_leases", max_leases, 1..=65_536);
+        if let Some(domain) = &d.domain {
+            if let Err(e) = dns::Zone::new(Some(domain)) {
+                self.problem(&item, format!("domain {domain:?}: {e}"));
+                ok = false;
+            }
+        }
+        ok.then_some(DhcpSettings {
+            pools,
+            lease_secs,
+            dns,
+            domain: d.domain,
+            mtu: d.mtu,
+            routes,
+            max_leases,
+        })
     }
 
     fn network(
@@ -522,16 +674,7 @@ impl Validator {
         }
         let cidr = cidr.trunc();
         let mac_table_size = n.mac_table_size.unwrap_or(switch.mac_table_size);
-        if !MAC_TABLE_RANGE.contains(&mac_table_size) {
-            self.problem(
-                &item,
-                format!(
-                    "mac_table_size {mac_table_size} is out of range; use {}..={}",
-                    MAC_TABLE_RANGE.start(),
-                    MAC_TABLE_RANGE.end()
-                ),
-            );
-        }
+        self.in_range(&item, "mac_table_size", mac_table_size, MAC_TABLE_RANGE);
         let mut net = Network {
             tenant: tenant.to_string(),
             name: n.name,
@@ -539,6 +682,7 @@ impl Validator {
             cidr,
             gateway: None,
             mac_table_size,
+            dhcp: None,
         };
         if let Some(g) = n.gateway {
             match g.parse::<IpAddr>() {
@@ -551,6 +695,9 @@ impl Validator {
                     None => net.gateway = Some(ip),
                 },
             }
+        }
+        if let Some(d) = n.dhcp {
+            net.dhcp = self.dhcp(&item, &net, d);
         }
         Some(net)
     }
@@ -792,6 +939,76 @@ name = "globex"
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    const DHCP: &str = r#"
+[[tenant]]
+name = "acme"
+  [[tenant.network]]
+  name = "web"
+  vni = 1001
+  cidr = "10.0.1.0/24"
+  gateway = "10.0.1.1"
+  [tenant.network.dhcp]
+  pool = ["10.0.1.100-10.0.1.199"]
+  lease_secs = 600
+  dns = ["10.0.1.1"]
+  domain = "acme.internal"
+  mtu = 1450
+  routes = [{ dest = "192.168.0.0/16", via = "10.0.1.1" }]
+  [[tenant.port]]
+  name = "vm1"
+  network = "web"
+  ip = "10.0.1.10"
+  hostname = "www"
+"#;
+
+    #[test]
+    fn dhcp_section_parses() {
+        let c = parse(DHCP).unwrap();
+        let d = c.networks[0].dhcp.as_ref().unwrap();
+        assert_eq!(
+            d.pools,
+            vec![("10.0.1.100".parse().unwrap(), "10.0.1.199".parse().unwrap())]
+        );
+        assert_eq!((d.lease_secs, d.mtu, d.max_leases), (600, Some(1450), 4096));
+        assert_eq!(
+            d.routes,
+            vec![(
+                "192.168.0.0/16".parse().unwrap(),
+                "10.0.1.1".parse().unwrap()
+            )]
+        );
+        assert_eq!(c.ports[0].hostname.as_deref(), Some("www"));
+        // The dhcp crate accepts what we validated; the port's ip is a reservation.
+        let sc = crate::dhcp_service::server_config(&c, &c.networks[0]).unwrap();
+        sc.validate().unwrap();
+        assert_eq!(sc.reservations.len(), 1);
+        assert_eq!(
+            sc.reservations[0].ip,
+            "10.0.1.10".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn dhcp_section_errors_name_the_network() {
+        let e = err(&DHCP.replace("10.0.1.100-10.0.1.199", "10.0.2.100-10.0.2.199"));
+        assert!(e.contains("tenant \"acme\", network \"web\", [dhcp]: pool 10.0.2.100-10.0.2.199 is reversed or not inside 10.0.1.0/24"), "{e}");
+        let e = err(&DHCP.replace("10.0.1.100-10.0.1.199", "10.0.1.100"));
+        assert!(e.contains("is not a range"), "{e}");
+        let e = err(&DHCP.replace("  gateway = \"10.0.1.1\"\n", ""));
+        assert!(
+            e.contains("[dhcp]: DHCP needs an IPv4 cidr and a gateway"),
+            "{e}"
+        );
+        let e = err(&DHCP.replace("mtu = 1450", "mtu = 100"));
+        assert!(e.contains("mtu 100 is out of range"), "{e}");
+        let e = err(&DHCP.replace("acme.internal", "bad..domain"));
+        assert!(e.contains("domain \"bad..domain\""), "{e}");
+        let e = err(&DHCP.replace("via = \"10.0.1.1\"", "via = \"172.16.0.1\""));
+        assert!(e.contains("via must be inside 10.0.1.0/24"), "{e}");
+        let e = err(&DHCP.replace("lease_secs = 600", "lease_sec = 600"));
+        assert!(e.contains("unknown field `lease_sec`"), "{e}");
     }
 
     #[test]

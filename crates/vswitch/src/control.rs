@@ -39,6 +39,12 @@ pub enum Request {
     },
     /// Re-read the config file.
     Reload {},
+    /// DHCP leases.
+    Leases {
+        /// `tenant/network` or a network name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<String>,
+    },
 }
 
 /// Answers one request line.
@@ -52,6 +58,7 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
     let result = match req {
         Request::Show {} => Ok(daemon.show()),
         Request::Fdb { network } => daemon.fdb(network.as_deref(), Timestamp::now()),
+        Request::Leases { network } => Ok(daemon.leases(network.as_deref())),
         Request::Reload {} => daemon
             .reload()
             .map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),

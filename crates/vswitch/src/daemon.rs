@@ -22,9 +22,10 @@ use serde_json::{json, Value};
 use crate::clock::Timestamp;
 use crate::config::{Config, NetKey, Port};
 use crate::dataplane::{NetworkRt, PortCounters, PortRt, Snapshot, TapHandle, Workers};
+use crate::dhcp_service::{DhcpQueue, DhcpService};
 use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
-use crate::pipeline::{Bridge, DropReason, IpOwner, IpOwners};
+use crate::pipeline::{Addresses, Bridge, DropReason, IpOwner, Leased};
 use crate::tap::Tap;
 
 /// Why the switch could not start or apply a config.
@@ -45,6 +46,9 @@ pub enum ApplyError {
     /// Worker threads or epoll could not be set up.
     #[error("cannot start the data plane: {0}")]
     Io(#[from] std::io::Error),
+    /// A network's DHCP server could not be set up (config or lease log).
+    #[error("DHCP: {0}")]
+    Dhcp(String),
 }
 
 /// What a reload changed.
@@ -75,12 +79,17 @@ struct State {
     config: Arc<Config>,
     ports: HashMap<String, PortState>,
     bridges: HashMap<NetKey, Arc<Bridge>>,
+    /// DHCP leases per network, kept across reloads.
+    leased: HashMap<NetKey, Arc<ArcSwap<Leased>>>,
+    /// DNS zone per tenant, kept across reloads.
+    zones: HashMap<String, Arc<ArcSwap<dns::Zone>>>,
 }
 
 /// The running switch.
 #[derive(Debug)]
 pub struct Daemon {
     shared: Arc<ArcSwap<Snapshot>>,
+    dhcp: DhcpService,
     workers: Mutex<Option<Workers>>,
     state: Mutex<State>,
     started: Instant,
@@ -96,7 +105,11 @@ fn empty_snapshot(config: Arc<Config>) -> Snapshot {
 
 impl Daemon {
     /// Starts the workers and applies `config`.
-    pub fn start(config: Config, workers_override: Option<usize>) -> Result<Daemon, ApplyError> {
+    pub fn start(
+        config: Config,
+        workers_override: Option<usize>,
+        state_dir: &std::path::Path,
+    ) -> Result<Daemon, ApplyError> {
         let n = match workers_override.unwrap_or(config.switch.workers) {
             0 => auto_workers(),
             n => n,
@@ -104,7 +117,9 @@ impl Daemon {
         let config = Arc::new(config);
         let shared = Arc::new(ArcSwap::from_pointee(empty_snapshot(config.clone())));
         let workers = Workers::start(n, shared.clone())?;
+        let dhcp = DhcpService::start(state_dir, shared.clone())?;
         let daemon = Daemon {
+            dhcp,
             shared,
             workers: Mutex::new(Some(workers)),
             state: Mutex::new(State {
@@ -116,6 +131,8 @@ impl Daemon {
                 }),
                 ports: HashMap::new(),
                 bridges: HashMap::new(),
+                leased: HashMap::new(),
+                zones: HashMap::new(),
             }),
             started: Instant::now(),
         };
@@ -180,6 +197,28 @@ impl Daemon {
                 );
             }
         }
+
+        // DHCP servers (they may open lease logs): before anything changes.
+        let leased: HashMap<NetKey, Arc<ArcSwap<Leased>>> = new
+            .networks
+            .iter()
+            .map(|n| {
+                let k = n.key();
+                let l = st.leased.get(&k).cloned().unwrap_or_default();
+                (k, l)
+            })
+            .collect();
+        let zones: HashMap<String, Arc<ArcSwap<dns::Zone>>> = new
+            .tenants
+            .iter()
+            .map(|t| {
+                let z = st.zones.get(t).cloned().unwrap_or_default();
+                (t.clone(), z)
+            })
+            .collect();
+        self.dhcp
+            .apply(&new, &leased, &zones)
+            .map_err(ApplyError::Dhcp)?;
 
         // 2. Classify ports; assign ids (kept for surviving names, lowest
         //    free id for new ones).
@@ -308,7 +347,15 @@ impl Daemon {
                 },
             );
         }
-        let snap = build_snapshot(&new, &directory, &ports, &bridges);
+        let snap = build_snapshot(
+            &new,
+            &directory,
+            &ports,
+            &bridges,
+            &leased,
+            &zones,
+            &self.dhcp.queue(),
+        );
         self.shared.store(Arc::new(snap));
 
         // 7. Start polling new taps. Old ones left in `st.ports` (removed
@@ -322,6 +369,8 @@ impl Daemon {
         }
         st.ports = ports;
         st.bridges = bridges;
+        st.leased = leased;
+        st.zones = zones;
         st.config = new;
         report.added_ports.sort();
         report.changed_ports.sort();
@@ -346,11 +395,17 @@ impl Daemon {
         if let Some(w) = self.workers.lock().take() {
             w.stop();
         }
+        self.dhcp.stop();
         let mut st = self.state.lock();
         self.shared
             .store(Arc::new(empty_snapshot(st.config.clone())));
         st.ports.clear();
         st.bridges.clear();
+    }
+
+    /// `leases` data (see docs/cli.md).
+    pub fn leases(&self, filter: Option<&str>) -> Value {
+        self.dhcp.leases(filter)
     }
 
     /// `show` data (see docs/cli.md).
@@ -482,6 +537,9 @@ fn build_snapshot(
     directory: &dyn Directory,
     ports: &HashMap<String, PortState>,
     bridges: &HashMap<NetKey, Arc<Bridge>>,
+    leased: &HashMap<NetKey, Arc<ArcSwap<Leased>>>,
+    zones: &HashMap<String, Arc<ArcSwap<dns::Zone>>>,
+    dhcp: &DhcpQueue,
 ) -> Snapshot {
     let max_id = ports.values().map(|p| p.id as usize + 1).max().unwrap_or(0);
     let mut by_id: Vec<Option<Arc<PortRt>>> = vec![None; max_id];
@@ -510,32 +568,42 @@ fn build_snapshot(
                 counters: ps.counters.clone(),
             }));
         }
-        let mut ip_owners = IpOwners::new();
+        let mut fixed = HashMap::new();
         if let Some(IpAddr::V4(gw)) = n.gateway {
-            ip_owners.insert(
+            fixed.insert(
                 gw,
                 IpOwner {
                     mac: n.gateway_mac(),
-                    port: None,
+                    gateway: true,
                 },
             );
         }
         for e in directory.ports_of(&key) {
-            if let (Some(IpAddr::V4(ip)), Some(ps)) = (e.ip, ports.get(&e.name)) {
-                ip_owners.insert(
+            if let Some(IpAddr::V4(ip)) = e.ip {
+                fixed.insert(
                     ip,
                     IpOwner {
                         mac: e.mac,
-                        port: Some(ps.id),
+                        gateway: false,
                     },
                 );
             }
         }
+        let addrs = Addresses {
+            fixed,
+            leased: leased.get(&key).cloned().unwrap_or_default(),
+        };
         networks.push(NetworkRt {
             cfg: n.clone(),
             ports: ids,
             bridge: bridge.clone(),
-            ip_owners,
+            addrs,
+            dhcp: n.dhcp.is_some().then(|| dhcp.clone()),
+            gateway: match n.gateway {
+                Some(IpAddr::V4(gw)) => Some((gw, n.gateway_mac())),
+                _ => None,
+            },
+            zone: zones.get(&n.tenant).cloned().unwrap_or_default(),
         });
     }
     Snapshot {

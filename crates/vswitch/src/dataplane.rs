@@ -20,14 +20,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use packet::{FlowKey, MacAddr, Offload, PacketBuf};
+use packet::{FlowKey, MacAddr, Offload, PacketBuf, L3, L4};
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 
 use crate::clock::Timestamp;
 use crate::config::{Config, Network};
+use crate::dhcp_service::{DhcpQueue, DhcpRequest, MAX_MESSAGE};
 use crate::fdb::PortId;
-use crate::pipeline::{arp, port_security, Bridge, DropReason, Ingress, IpOwners, Verdict};
+use crate::pipeline::{
+    arp, dns_local, port_security, Addresses, Bridge, DropReason, Ingress, Verdict,
+};
 use crate::tap::Tap;
 
 /// Most frames read from one port per wake-up.
@@ -118,8 +121,15 @@ pub struct NetworkRt {
     pub ports: Vec<PortId>,
     /// L2 switching (MAC table), kept across reloads.
     pub bridge: Arc<Bridge>,
-    /// IPv4 address owners (gateway and ports), from the directory.
-    pub ip_owners: IpOwners,
+    /// IPv4 address owners: gateway and ports from the directory, leases
+    /// from DHCP.
+    pub addrs: Addresses,
+    /// The DHCP service's queue, when the network has a `[dhcp]` section.
+    pub dhcp: Option<DhcpQueue>,
+    /// The gateway's IPv4 address and MAC, when the network has a gateway.
+    pub gateway: Option<(std::net::Ipv4Addr, MacAddr)>,
+    /// The tenant's DNS zone (answered at the gateway address).
+    pub zone: Arc<ArcSwap<dns::Zone>>,
 }
 
 /// Everything the data path reads, swapped whole on reload.
@@ -158,15 +168,61 @@ impl Snapshot {
             return Verdict::Drop(DropReason::RuntFrame);
         };
         let ing = ingress.ingress();
-        if let Err(r) = port_security::check(&ing, &key, &net.ip_owners) {
+        if let Err(r) = port_security::check(&ing, &key, &net.addrs) {
             return Verdict::Drop(r);
         }
-        if arp::respond(&ing, &key, &net.ip_owners, buf.frame_mut()) {
+        if let (Some(q), L3::Ipv4(_), L4::Udp { dst_port: 67, .. }) = (&net.dhcp, &key.l3, &key.l4)
+        {
+            return match dhcp_payload(buf.frame(), &key) {
+                Some(payload) => match q.submit(DhcpRequest {
+                    net: net.cfg.key(),
+                    port: ingress.id,
+                    src_mac: key.src_mac,
+                    payload: payload.to_vec(),
+                }) {
+                    Ok(()) => Verdict::Consumed,
+                    Err(r) => Verdict::Drop(r),
+                },
+                None => Verdict::Drop(DropReason::L3Malformed),
+            };
+        }
+        if arp::respond(&ing, &key, &net.addrs, buf.frame_mut()) {
             buf.offload = Offload::NONE;
             return Verdict::Reply;
         }
+        if let Some((gw, gw_mac)) = net.gateway {
+            match dns_local::serve(&net.zone.load(), gw, gw_mac, &key, buf) {
+                dns_local::Outcome::NotMine => {}
+                dns_local::Outcome::Answered => return Verdict::Reply,
+                dns_local::Outcome::Dropped(r) => return Verdict::Drop(r),
+            }
+            if key.dst_mac == gw_mac {
+                return Verdict::Drop(DropReason::ToGatewayUnhandled);
+            }
+        }
         net.bridge.decide(&ing, buf.frame(), now)
     }
+}
+
+/// The UDP payload of a DHCP message (bounded by the IPv4 total length and
+/// [`MAX_MESSAGE`]), if the frame holds one whole.
+fn dhcp_payload<'a>(frame: &'a [u8], key: &FlowKey) -> Option<&'a [u8]> {
+    let l3 = usize::from(key.l3_offset);
+    let l4 = usize::from(key.l4_offset);
+    let total = usize::from(u16::from_be_bytes([
+        *frame.get(l3 + 2)?,
+        *frame.get(l3 + 3)?,
+    ]));
+    let end = (l3 + total).min(frame.len());
+    let p = frame.get(l4.checked_add(8)?..end)?;
+    (!p.is_empty() && p.len() <= MAX_MESSAGE).then_some(p)
+}
+
+/// Writes a frame made by the switch (DHCP reply) to `port`, counting it.
+pub fn inject(port: &PortRt, frame: &[u8]) {
+    let mut buf = PacketBuf::from_frame(frame);
+    buf.offload = Offload::NONE;
+    transmit(port, &buf);
 }
 
 /// The worker threads.
@@ -336,6 +392,7 @@ fn deliver(snap: &Snapshot, ingress: &PortRt, buf: &PacketBuf, verdict: Verdict)
             }
         }
         Verdict::Reply => transmit(ingress, buf),
+        Verdict::Consumed => {}
         Verdict::Drop(r) => ingress.counters.count_drop(r),
     }
 }

@@ -97,6 +97,22 @@ fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
     if !ns_exists(ns) {
         ip(ns, &["netns", "add", ns])?;
     }
+    // `ip netns exec` bind-mounts /etc/netns/NS/* over /etc/*: DHCP client
+    // scripts then write the namespace's resolv.conf, never the machine's.
+    let etc = Path::new("/etc/netns").join(ns);
+    if !etc.join("resolv.conf").exists() {
+        std::fs::create_dir_all(&etc)
+            .and_then(|()| {
+                std::fs::write(
+                    etc.join("resolv.conf"),
+                    "# vslab: written by the VM's DHCP client\n",
+                )
+            })
+            .map_err(|source| LabError::Spawn {
+                cmd: format!("create {}", etc.display()),
+                source,
+            })?;
+    }
     let mut state = "already up";
     if !ip_ok(&["-n", ns, "link", "show", "dev", "eth0"]) {
         let deadline = Instant::now() + wait;
@@ -123,9 +139,15 @@ fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
         &["-n", ns, "link", "set", "dev", "eth0", "address", &mac],
     )?;
     let mut addr = String::from("no address");
-    if let (Some(ipa), Some(net)) = (p.ip, cfg.network_of(p)) {
-        addr = format!("{ipa}/{}", net.cidr.prefix_len());
-        ip(ns, &["-n", ns, "addr", "replace", &addr, "dev", "eth0"])?;
+    match (p.ip, cfg.network_of(p)) {
+        // The network's DHCP server hands out the address (a reservation
+        // for a port with `ip`): run a DHCP client in the namespace.
+        (_, Some(net)) if net.dhcp.is_some() => addr = "address by DHCP".into(),
+        (Some(ipa), Some(net)) => {
+            addr = format!("{ipa}/{}", net.cidr.prefix_len());
+            ip(ns, &["-n", ns, "addr", "replace", &addr, "dev", "eth0"])?;
+        }
+        _ => {}
     }
     ip(ns, &["-n", ns, "link", "set", "dev", "eth0", "up"])?;
     ip(ns, &["-n", ns, "link", "set", "dev", "lo", "up"])?;
@@ -154,6 +176,7 @@ pub fn down(cfg: &Config, mut progress: impl FnMut(&str)) -> Result<(), LabError
             }
         }
         ip(ns, &["netns", "del", ns])?;
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         progress(&format!("{ns}: removed"));
     }
     Ok(())

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod dhcp_service;
 pub mod directory;
 pub mod fdb;
 pub mod lab;

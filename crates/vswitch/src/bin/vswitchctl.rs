@@ -34,6 +34,12 @@ enum Cmd {
     },
     /// Re-read the config file; a bad file keeps the running config.
     Reload,
+    /// DHCP leases: MAC, IP, host name, state, expiry, port.
+    Leases {
+        /// Only this network: TENANT/NETWORK, or NETWORK.
+        #[arg(long)]
+        network: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,9 @@ fn main() -> ExitCode {
             network: network.clone(),
         },
         Cmd::Reload => Request::Reload {},
+        Cmd::Leases { network } => Request::Leases {
+            network: network.clone(),
+        },
     };
     match control::request(&args.socket, &req) {
         Ok(data) => {
@@ -77,6 +86,7 @@ fn render(cmd: &Cmd, d: &Value) -> String {
     match cmd {
         Cmd::Show => render_show(d),
         Cmd::Fdb { .. } => render_fdb(d),
+        Cmd::Leases { .. } => render_leases(d),
         Cmd::Reload => {
             let list = |k: &str| {
                 let v: Vec<String> = d[k]
@@ -184,6 +194,39 @@ fn render_fdb(d: &Value) -> String {
         }
         out.push_str(&t.render());
         out.push('\n');
+    }
+    out
+}
+
+fn render_leases(d: &Value) -> String {
+    let mut out = String::new();
+    for n in d["networks"].as_array().into_iter().flatten() {
+        let st = &n["stats"];
+        out.push_str(&format!(
+            "{}/{}: ack {} nak {} offer {} decline {} release {} pool_exhausted {} chaddr_mismatch {} persist_failures {}\n",
+            s(&n["tenant"]), s(&n["network"]), s(&st["ack"]), s(&st["nak"]), s(&st["offer"]),
+            s(&st["decline"]), s(&st["release"]), s(&st["pool_exhausted"]),
+            s(&st["chaddr_mismatch"]), s(&st["persist_failures"]),
+        ));
+        let mut t = Table::new(&[
+            "  MAC", "IP", "HOSTNAME", "STATE", "EXPIRES", "PORT", "RESERVED",
+        ]);
+        for l in n["leases"].as_array().into_iter().flatten() {
+            t.row(vec![
+                format!("  {}", s(&l["mac"])),
+                s(&l["ip"]),
+                s(&l["hostname"]),
+                s(&l["state"]),
+                format!("{}s", s(&l["expires_in_secs"])),
+                s(&l["port"]),
+                s(&l["reserved"]),
+            ]);
+        }
+        out.push_str(&t.render());
+        out.push('\n');
+    }
+    if out.is_empty() {
+        out.push_str("no network has DHCP\n");
     }
     out
 }

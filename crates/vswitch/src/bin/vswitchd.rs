@@ -22,6 +22,9 @@ struct Args {
     /// Control socket path.
     #[arg(long, default_value = control::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Where durable state (DHCP lease logs) lives.
+    #[arg(long, default_value = "/var/lib/vswitch")]
+    state_dir: PathBuf,
     /// Data-plane threads (overrides [switch].workers; 0 = half the cores, at least 1).
     #[arg(long)]
     workers: Option<usize>,
@@ -81,7 +84,7 @@ async fn run(args: Args, config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let daemon = match Daemon::start(config, args.workers) {
+    let daemon = match Daemon::start(config, args.workers, &args.state_dir) {
         Ok(d) => Arc::new(d),
         Err(e) => {
             eprintln!("error: {}: {e}", args.config.display());

@@ -9,22 +9,22 @@
 
 use packet::{FlowKey, MacAddr, L3};
 
-use super::{Ingress, IpOwners};
+use super::{Addresses, Ingress};
 
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
 
 /// If `frame` (parsed as `key`) is an ARP request the switch answers,
 /// rewrites it in place into the reply and returns true.
-pub fn respond(ingress: &Ingress, key: &FlowKey, owners: &IpOwners, frame: &mut [u8]) -> bool {
+pub fn respond(ingress: &Ingress, key: &FlowKey, addrs: &Addresses, frame: &mut [u8]) -> bool {
     let L3::Arp(a) = key.l3 else { return false };
     if a.op != ARP_REQUEST || a.spa == a.tpa {
         return false;
     }
-    let Some(owner) = owners.get(&a.tpa) else {
+    let Some(owner) = addrs.owner(&a.tpa) else {
         return false;
     };
-    if owner.port == Some(ingress.id) {
+    if !owner.gateway && owner.mac == ingress.mac {
         return false;
     }
     write_reply(
@@ -72,6 +72,26 @@ mod tests {
         respond(&ingress(from.0, from.1, true), &k, &owners(), f)
     }
     type PortIdMac = (crate::fdb::PortId, MacAddr);
+
+    #[test]
+    fn answers_for_leased_addresses() {
+        let o = owners();
+        let leased_ip = Ipv4Addr::new(10, 0, 0, 50);
+        let c = MacAddr([2, 0, 0, 0, 0, 0x50]);
+        o.leased
+            .store(std::sync::Arc::new([(leased_ip, c)].into_iter().collect()));
+        let mut f = arp(A, 1, A, IP_A, leased_ip);
+        let k = key(&f);
+        assert!(respond(&ingress(1, A, true), &k, &o, &mut f));
+        let L3::Arp(r) = key(&f).l3 else {
+            panic!("not ARP")
+        };
+        assert_eq!(r.sha, c);
+        // The lease holder itself gets silence.
+        let mut f = arp(c, 1, c, Ipv4Addr::UNSPECIFIED, leased_ip);
+        let k = key(&f);
+        assert!(!respond(&ingress(5, c, true), &k, &o, &mut f));
+    }
 
     #[test]
     fn answers_for_other_ports_and_gateway() {

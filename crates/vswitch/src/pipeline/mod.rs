@@ -11,6 +11,7 @@
 
 pub mod arp;
 pub mod bridge;
+pub mod dns_local;
 pub mod port_security;
 
 use std::collections::HashMap;
@@ -19,21 +20,52 @@ use std::net::Ipv4Addr;
 use packet::MacAddr;
 
 use crate::fdb::PortId;
-
 pub use bridge::{Bridge, Ingress};
 
 /// Who owns an IPv4 address in a network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpOwner {
-    /// The owner's MAC (for the gateway: the network's gateway MAC).
+    /// The owner's MAC (for the gateway: the network's gateway MAC). MACs
+    /// are unique within a network, so the MAC names the owning port.
     pub mac: MacAddr,
-    /// The owning port; `None` when the switch itself owns it (gateway).
-    pub port: Option<PortId>,
+    /// The switch itself owns it (the gateway address).
+    pub gateway: bool,
 }
 
-/// A network's IPv4 address owners, from the directory: what the ARP
-/// responder answers and what port binding enforces.
-pub type IpOwners = HashMap<Ipv4Addr, IpOwner>;
+/// Addresses handed out by DHCP: IPv4 -> client MAC.
+pub type Leased = HashMap<Ipv4Addr, MacAddr>;
+
+/// A network's IPv4 address owners: what the ARP responder answers and
+/// what port binding enforces. Static owners (ports' configured addresses,
+/// the gateway) come from the directory with each snapshot; leased ones are
+/// swapped in by the DHCP service as leases come and go, without a reload.
+#[derive(Debug, Default)]
+pub struct Addresses {
+    /// From the directory.
+    pub fixed: HashMap<Ipv4Addr, IpOwner>,
+    /// From DHCP; shared across reloads.
+    pub leased: std::sync::Arc<arc_swap::ArcSwap<Leased>>,
+}
+
+impl Addresses {
+    /// Who owns `ip`, if anyone.
+    #[inline]
+    pub fn owner(&self, ip: &Ipv4Addr) -> Option<IpOwner> {
+        if let Some(o) = self.fixed.get(ip) {
+            return Some(*o);
+        }
+        self.leased.load().get(ip).map(|mac| IpOwner {
+            mac: *mac,
+            gateway: false,
+        })
+    }
+
+    /// Whether `ip` belongs to the port whose MAC is `mac`.
+    #[inline]
+    pub fn owned_by(&self, ip: &Ipv4Addr, mac: &MacAddr) -> bool {
+        self.owner(ip).is_some_and(|o| !o.gateway && o.mac == *mac)
+    }
+}
 
 /// Why a frame was dropped. Small and `Copy`: it is counted per port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,6 +93,14 @@ pub enum DropReason {
     DhcpServerFromVm,
     /// Port binding: an IPv4 or ARP frame too broken to check its source.
     L3Malformed,
+    /// A local service (DHCP) has a full queue.
+    LocalServiceBusy,
+    /// A DNS message to the gateway that gets no answer (a response, or not
+    /// parseable).
+    DnsIgnored,
+    /// Addressed to the gateway MAC but no local service takes it (routing
+    /// comes with the gateway issue).
+    ToGatewayUnhandled,
     /// Egress: the VM side of the tap is down (EIO).
     EgressDown,
     /// Egress: the tap's device is gone (its namespace was deleted).
@@ -75,7 +115,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 18;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -89,6 +129,9 @@ impl DropReason {
         DropReason::ArpSpoofed,
         DropReason::DhcpServerFromVm,
         DropReason::L3Malformed,
+        DropReason::LocalServiceBusy,
+        DropReason::DnsIgnored,
+        DropReason::ToGatewayUnhandled,
         DropReason::EgressDown,
         DropReason::EgressDetached,
         DropReason::EgressBusy,
@@ -109,6 +152,9 @@ impl DropReason {
             DropReason::ArpSpoofed => "arp_spoofed",
             DropReason::DhcpServerFromVm => "dhcp_server_from_vm",
             DropReason::L3Malformed => "l3_malformed",
+            DropReason::LocalServiceBusy => "local_service_busy",
+            DropReason::DnsIgnored => "dns_ignored",
+            DropReason::ToGatewayUnhandled => "to_gateway_unhandled",
             DropReason::EgressDown => "egress_down",
             DropReason::EgressDetached => "egress_detached",
             DropReason::EgressBusy => "egress_busy",
@@ -133,6 +179,8 @@ pub enum Verdict {
     /// The buffer now holds the switch's answer (ARP reply, ...): send it
     /// back out of the ingress port.
     Reply,
+    /// Taken by a local service (DHCP), which answers on its own.
+    Consumed,
     /// Nowhere, and why.
     Drop(DropReason),
 }
@@ -166,27 +214,27 @@ pub(crate) mod testutil {
     pub const IP_GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
 
     /// Port 1 owns A/10.0.0.1, port 2 owns B/10.0.0.2, the switch owns the gateway.
-    pub fn owners() -> IpOwners {
-        let mut o = IpOwners::new();
-        o.insert(
+    pub fn owners() -> Addresses {
+        let mut o = Addresses::default();
+        o.fixed.insert(
             IP_A,
             IpOwner {
                 mac: A,
-                port: Some(1),
+                gateway: false,
             },
         );
-        o.insert(
+        o.fixed.insert(
             IP_B,
             IpOwner {
                 mac: B,
-                port: Some(2),
+                gateway: false,
             },
         );
-        o.insert(
+        o.fixed.insert(
             IP_GW,
             IpOwner {
                 mac: GW,
-                port: None,
+                gateway: true,
             },
         );
         o

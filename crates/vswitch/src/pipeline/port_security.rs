@@ -10,7 +10,7 @@
 
 use packet::{FlowKey, L3, L4};
 
-use super::{DropReason, Ingress, IpOwners};
+use super::{Addresses, DropReason, Ingress};
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
@@ -18,7 +18,7 @@ const DHCP_SERVER_PORT: u16 = 67;
 const DHCP_CLIENT_PORT: u16 = 68;
 
 /// Checks a parsed frame from `ingress`; `Err` says why it must be dropped.
-pub fn check(ingress: &Ingress, key: &FlowKey, owners: &IpOwners) -> Result<(), DropReason> {
+pub fn check(ingress: &Ingress, key: &FlowKey, addrs: &Addresses) -> Result<(), DropReason> {
     if let (
         L3::Ipv4(_),
         L4::Udp {
@@ -35,7 +35,7 @@ pub fn check(ingress: &Ingress, key: &FlowKey, owners: &IpOwners) -> Result<(), 
     if key.src_mac != ingress.mac {
         return Err(DropReason::SrcMacSpoofed);
     }
-    let owns = |ip: &std::net::Ipv4Addr| owners.get(ip).is_some_and(|o| o.port == Some(ingress.id));
+    let owns = |ip: &std::net::Ipv4Addr| addrs.owned_by(ip, &ingress.mac);
     match (&key.l3, &key.l4) {
         (L3::Arp(a), _) if a.sha != ingress.mac || !(a.spa.is_unspecified() || owns(&a.spa)) => {
             return Err(DropReason::ArpSpoofed);
