@@ -191,7 +191,7 @@ impl Snapshot {
             return Verdict::Reply;
         }
         if let Some((gw, gw_mac)) = net.gateway {
-            match dns_local::serve(&net.zone.load(), gw, gw_mac, &key, buf) {
+            match dns_local::serve(&net.zone, gw, gw_mac, &key, buf) {
                 dns_local::Outcome::NotMine => {}
                 dns_local::Outcome::Answered => return Verdict::Reply,
                 dns_local::Outcome::Dropped(r) => return Verdict::Drop(r),
