@@ -204,7 +204,11 @@ impl Daemon {
             .iter()
             .map(|n| {
                 let k = n.key();
-                let l = st.leased.get(&k).cloned().unwrap_or_default();
+                // A network that lost its DHCP server loses its leases too.
+                let l = match n.dhcp {
+                    Some(_) => st.leased.get(&k).cloned().unwrap_or_default(),
+                    None => Arc::default(),
+                };
                 (k, l)
             })
             .collect();
