@@ -68,6 +68,20 @@ fn l2_two_vms() {
         num(&p2, "rx_packets") > 0 && num(&p2, "tx_packets") > 0,
         "vm2: {p2}"
     );
+    // TSO super-frames cross the switch whole: the iperf3 sender's frames
+    // average far above the 1514-byte wire size, and vm2's tap was written
+    // as many frames as vm1's tap was read (no software segmentation).
+    let avg = num(&p, "rx_bytes") / num(&p, "rx_packets").max(1);
+    assert!(
+        avg > 8000,
+        "vm1 frames average {avg} bytes: no super-frames crossed the switch: {p}"
+    );
+    assert!(
+        num(&p2, "tx_packets") <= num(&p, "rx_packets") + 64,
+        "vm2 got more frames ({}) than vm1 sent ({}): something segmented",
+        num(&p2, "tx_packets"),
+        num(&p, "rx_packets")
+    );
     assert_eq!(p["link"], "up", "vm1: {p}");
     assert_eq!(p["tap"], n.tap("v1").as_str(), "vm1: {p}");
     assert_eq!(p["mac"], "02:00:0a:00:01:0a", "vm1: {p}");
