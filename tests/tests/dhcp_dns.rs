@@ -460,3 +460,54 @@ name = "{p}b"
     );
     drop(sw);
 }
+
+/// `python3 - IFNAME SRC_MAC CHADDR`: one DHCPDISCOVER from SRC_MAC whose
+/// chaddr is CHADDR.
+const FOREIGN_CHADDR_PY: &str = r#"
+import socket, struct, sys
+ifname, src, chaddr = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), bytes.fromhex(sys.argv[3].replace(":", ""))
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return (~s) & 0xffff
+bootp = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, 0x1234, 0, 0x8000, bytes(4), bytes(4), bytes(4), bytes(4), chaddr + bytes(10), bytes(64), bytes(128))
+bootp += b"\x63\x82\x53\x63" + b"\x35\x01\x01" + b"\xff"
+udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, bytes(4), b"\xff\xff\xff\xff")
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((ifname, 0))
+for _ in range(5):
+    s.send(b"\xff" * 6 + src + b"\x08\x00" + ip + udp)
+"#;
+
+#[test]
+fn dhcp_refuses_a_foreign_chaddr() {
+    if !netns_or_skip() || !tools_or_skip(&["python3"]) {
+        return;
+    }
+    let n = Names::new("chd");
+    let dir = TestDir::new();
+    let m = "02:00:00:20:03:0a";
+    let path = dir.write("vswitch.toml", &dhcp_config(&n, 3, &[("c1", m, None)]));
+    let c1 = n.port("c1");
+    let sw = Switch::start(&dir, &path);
+    let lab = Lab::up(&path, std::slice::from_ref(&c1));
+    let script = dir.write("chaddr.py", FOREIGN_CHADDR_PY);
+    let script = script.to_string_lossy().into_owned();
+    let o = lab.exec(&c1, &["python3", &script, "eth0", m, "02:00:00:99:99:99"]);
+    assert!(o.status.success(), "{}", fmt_output(&o));
+    let counted = wait_until(Duration::from_secs(5), || {
+        sw.port(&c1)
+            .is_some_and(|p| p["drops"]["dhcp_chaddr_mismatch"].as_u64() == Some(5))
+    });
+    assert!(counted, "port drops: {:?}", sw.port(&c1));
+    assert_eq!(stat(&sw, "chaddr_mismatch"), 5);
+    assert_eq!(
+        stat(&sw, "offer"),
+        0,
+        "a DISCOVER for a foreign chaddr got an OFFER"
+    );
+    assert!(leases(&sw).is_empty(), "{:?}", leases(&sw));
+}

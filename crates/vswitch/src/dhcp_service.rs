@@ -555,7 +555,7 @@ fn tick(state: &Mutex<ServiceState>) {
 fn handle(state: &Mutex<ServiceState>, shared: &ArcSwap<Snapshot>, req: DhcpRequest) {
     let now = Timestamp::now();
     let now_unix = unix_now();
-    let (frame, port) = {
+    let (frame, port, drop) = {
         let mut st = state.lock();
         let Some(nd) = st.nets.get_mut(&req.net) else {
             return;
@@ -579,10 +579,15 @@ fn handle(state: &Mutex<ServiceState>, shared: &ArcSwap<Snapshot>, req: DhcpRequ
         if !out.changes.is_empty() {
             st.rebuild_zone(tenant_of(&req.net), now);
         }
-        (frame, req.port)
+        (frame, req.port, out.drop)
     };
     let snap = shared.load();
-    if let (Some(frame), Some(p)) = (frame, snap.port(port)) {
+    let Some(p) = snap.port(port) else { return };
+    // Refusals that are the port's fault go into its drop table too.
+    if drop == Some(dhcp::DropReason::ChaddrMismatch) {
+        p.counters.count_drop(DropReason::DhcpChaddrMismatch);
+    }
+    if let Some(frame) = frame {
         crate::dataplane::inject(p, &frame);
     }
 }

@@ -95,6 +95,8 @@ pub enum DropReason {
     L3Malformed,
     /// A local service (DHCP) has a full queue.
     LocalServiceBusy,
+    /// A DHCP message whose chaddr is not the frame's source MAC.
+    DhcpChaddrMismatch,
     /// A DNS message to the gateway that gets no answer (a response, or not
     /// parseable).
     DnsIgnored,
@@ -115,7 +117,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -130,6 +132,7 @@ impl DropReason {
         DropReason::DhcpServerFromVm,
         DropReason::L3Malformed,
         DropReason::LocalServiceBusy,
+        DropReason::DhcpChaddrMismatch,
         DropReason::DnsIgnored,
         DropReason::ToGatewayUnhandled,
         DropReason::EgressDown,
@@ -153,6 +156,7 @@ impl DropReason {
             DropReason::DhcpServerFromVm => "dhcp_server_from_vm",
             DropReason::L3Malformed => "l3_malformed",
             DropReason::LocalServiceBusy => "local_service_busy",
+            DropReason::DhcpChaddrMismatch => "dhcp_chaddr_mismatch",
             DropReason::DnsIgnored => "dns_ignored",
             DropReason::ToGatewayUnhandled => "to_gateway_unhandled",
             DropReason::EgressDown => "egress_down",
