@@ -95,6 +95,9 @@ pub enum DropReason {
     BootReplyFromClient,
     /// chaddr differs from the frame's source MAC.
     ChaddrMismatch,
+    /// The client identifier is bound to another MAC: refused, or a VM could
+    /// take over (or release) another VM's lease by sending its identifier.
+    ClientIdInUse,
     /// A message type a server does not accept (OFFER, ACK, ...).
     UnsupportedType,
     /// No free address left for a DISCOVER.
@@ -118,6 +121,7 @@ impl DropReason {
             Self::Malformed => "dhcp_malformed",
             Self::BootReplyFromClient => "dhcp_bootreply_from_client",
             Self::ChaddrMismatch => "dhcp_chaddr_mismatch",
+            Self::ClientIdInUse => "dhcp_client_id_in_use",
             Self::UnsupportedType => "dhcp_unsupported_type",
             Self::PoolExhausted => "dhcp_pool_exhausted",
             Self::LeaseLimit => "dhcp_lease_limit",
@@ -162,6 +166,7 @@ pub struct Counters {
     pub lease_limit: u64,
     pub other_server: u64,
     pub unknown_client: u64,
+    pub client_id_in_use: u64,
     pub expired: u64,
 }
 
@@ -563,6 +568,19 @@ impl Server {
             return self.dropped(out, DropReason::Malformed);
         };
         let ctx = Ctx::new(&msg, ingress.hostname);
+        // The MAC is authenticated (port security, chaddr check above); the
+        // client identifier is not. An identifier bound to another NIC is
+        // someone else's: refuse, whatever the message wants to do with it.
+        if kind != MessageType::Inform {
+            let foreign = self
+                .by_key
+                .get(&ctx.key)
+                .and_then(|ip| self.bindings.get(ip))
+                .is_some_and(|b| b.mac != ingress.src_mac);
+            if foreign {
+                return self.dropped(out, DropReason::ClientIdInUse);
+            }
+        }
         if matches!(kind, MessageType::Discover | MessageType::Request) {
             self.adopt_binding_of_mac(&ctx.key, ingress.src_mac);
         }
@@ -582,6 +600,7 @@ impl Server {
             DropReason::Malformed => c.malformed += 1,
             DropReason::BootReplyFromClient => c.bootreply_from_client += 1,
             DropReason::ChaddrMismatch => c.chaddr_mismatch += 1,
+            DropReason::ClientIdInUse => c.client_id_in_use += 1,
             DropReason::UnsupportedType => c.unsupported_type += 1,
             DropReason::PoolExhausted => c.pool_exhausted += 1,
             DropReason::LeaseLimit => c.lease_limit += 1,

@@ -1201,3 +1201,45 @@ fn same_mac_under_a_new_client_id_keeps_its_address() {
     assert_eq!(srv.binding_count(), 1);
     srv.check_invariants();
 }
+
+#[test]
+fn a_client_id_bound_to_another_mac_is_refused() {
+    // Fuzzer finding: the attacker sends the victim's client identifier
+    // (01 + MAC is easy to guess) and must neither get, nor release, the
+    // victim's lease.
+    let mut srv = server();
+    let id = vec![1, 2, 0, 0, 0, 0, 1];
+    let victim = |c: C| C {
+        client_id: Some(id.clone()),
+        ..c
+    };
+    let o = victim(C::discover(mac(1))).send(&mut srv, T0);
+    let a = reply(&o).yiaddr();
+    let o = victim(C::select(mac(1), a)).send(&mut srv, T0);
+    assert_eq!(kind(&reply(&o)), d::MessageType::Ack);
+
+    let attacker = |ty| C {
+        client_id: Some(id.clone()),
+        ..C::new(mac(2), ty)
+    };
+    for ty in [
+        d::MessageType::Discover,
+        d::MessageType::Request,
+        d::MessageType::Release,
+        d::MessageType::Decline,
+    ] {
+        let o = C {
+            requested: Some(a),
+            ciaddr: a,
+            ..attacker(ty)
+        }
+        .send(&mut srv, T0 + 1);
+        assert_eq!(o.drop, Some(DropReason::ClientIdInUse), "{ty:?}: {o:?}");
+        assert!(o.reply.is_none() && o.changes.is_empty(), "{ty:?}: {o:?}");
+    }
+    assert_eq!(srv.counters().client_id_in_use, 4);
+    let l = srv.leases(T0 + 2);
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].mac, l[0].state), (mac(1), LeaseState::Bound));
+    srv.check_invariants();
+}

@@ -536,6 +536,12 @@ impl Validator {
 
     fn dhcp(&mut self, item: &str, net: &Network, d: RawDhcp) -> Option<DhcpSettings> {
         let item = format!("{item}, [dhcp]");
+        if let IpNet::V4(c) = net.cidr {
+            if c.prefix_len() > 30 {
+                self.problem(&item, format!("cidr {c} leaves no addresses to hand out; DHCP needs a /30 or larger network"));
+                return None;
+            }
+        }
         let (IpNet::V4(cidr), Some(IpAddr::V4(_))) = (net.cidr, net.gateway) else {
             self.problem(&item, "DHCP needs an IPv4 cidr and a gateway (the server answers from the gateway address); add gateway = \"...\" or remove [dhcp]");
             return None;
@@ -1001,6 +1007,11 @@ name = "acme"
             e.contains("[dhcp]: DHCP needs an IPv4 cidr and a gateway"),
             "{e}"
         );
+        let small = DHCP
+            .replace("10.0.1.0/24", "10.0.1.0/31")
+            .replace("10.0.1.1\"\n  [tenant", "10.0.1.1\"\n  [tenant");
+        let e = err(&small);
+        assert!(e.contains("DHCP needs a /30 or larger network"), "{e}");
         let e = err(&DHCP.replace("mtu = 1450", "mtu = 100"));
         assert!(e.contains("mtu 100 is out of range"), "{e}");
         let e = err(&DHCP.replace("acme.internal", "bad..domain"));
