@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora under fuzz/corpus/<target>/ (a few valid inputs per
+target, modelled on the crates' test fixtures). Deterministic; re-run after
+changing an input layout of a target:  python3 fuzz/scripts/make_seeds.py
+"""
+import json
+import os
+import shutil
+import struct
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FUZZ = os.path.dirname(HERE)
+CORPUS = os.path.join(FUZZ, "corpus")
+EXAMPLES = os.path.join(os.path.dirname(FUZZ), "examples")
+
+A = bytes([2, 0, 0, 0, 0, 1])
+B = bytes([2, 0, 0, 0, 0, 2])
+C = bytes([2, 0, 0, 0, 0, 3])
+GW = bytes([2, 0, 0, 0, 0, 0xFE])
+BCAST = b"\xff" * 6
+IP_A, IP_B, IP_C, IP_GW = (bytes([10, 0, 0, x]) for x in (1, 2, 50, 254))
+
+
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF
+
+
+def eth(dst, src, ethertype, payload, vlan=None):
+    tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan)
+    return dst + src + tag + struct.pack("!H", ethertype) + payload
+
+
+def ipv4(src, dst, proto, l4, ident=0x1234):
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0x4000, 64, proto, 0, src, dst)
+    h = h[:10] + struct.pack("!H", csum(h)) + h[12:]
+    return h + l4
+
+
+def ipv6(src, dst, nh, l4):
+    return struct.pack("!IHBB16s16s", 6 << 28, len(l4), nh, 64, src, dst) + l4
+
+
+def tcp(src_ip, dst_ip, sport, dport, payload, flags=0x18, v6=False):
+    h = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, flags, 65535, 0, 0)
+    seg = h + payload
+    if v6:
+        pseudo = src_ip + dst_ip + struct.pack("!IxxxB", len(seg), 6)
+    else:
+        pseudo = src_ip + dst_ip + struct.pack("!xBH", 6, len(seg))
+    c = csum(pseudo + seg)
+    return seg[:16] + struct.pack("!H", c) + seg[18:]
+
+
+def udp(src_ip, dst_ip, sport, dport, payload):
+    seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    c = csum(src_ip + dst_ip + struct.pack("!xBH", 17, len(seg)) + seg) or 0xFFFF
+    return seg[:6] + struct.pack("!H", c) + seg[8:]
+
+
+def arp(eth_src, op, sha, spa, tpa):
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + sha + spa + b"\0" * 6 + tpa
+    return eth(BCAST, eth_src, 0x0806, body)
+
+
+def dns_query(name, qtype=1, ident=0xBEEF, edns=None):
+    q = struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 1 if edns else 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    q += b"\0" + struct.pack("!HH", qtype, 1)
+    if edns:
+        q += b"\0" + struct.pack("!HHIH", 41, edns, 0, 0)
+    return q
+
+
+def dhcp_msg(mac, mtype, requested=None, server_id=None, ciaddr=b"\0" * 4, client_id=None):
+    m = struct.pack("!BBBBIHH4s4s4s4s", 1, 1, 6, 0, 0x12345678, 0, 0, ciaddr, b"\0" * 4, b"\0" * 4, b"\0" * 4)
+    m += mac + b"\0" * 10 + b"\0" * 64 + b"\0" * 128
+    m += bytes([99, 130, 83, 99])
+    m += bytes([53, 1, mtype])
+    if requested:
+        m += bytes([50, 4]) + requested
+    if server_id:
+        m += bytes([54, 4]) + server_id
+    if client_id:
+        m += bytes([61, len(client_id)]) + client_id
+    m += bytes([55, 4, 1, 3, 6, 15, 255])
+    return m
+
+
+PAYLOAD = bytes(i & 0xFF for i in range(3000))
+V6A = bytes.fromhex("fd000000000000000000000000000001")
+V6B = bytes.fromhex("fd000000000000000000000000000002")
+
+TCP4 = eth(B, A, 0x0800, ipv4(IP_A, IP_B, 6, tcp(IP_A, IP_B, 40000, 80, b"hello")))
+TCP4_BIG = eth(B, A, 0x0800, ipv4(IP_A, IP_B, 6, tcp(IP_A, IP_B, 40000, 80, PAYLOAD)))
+TCP6_BIG = eth(B, A, 0x86DD, ipv6(V6A, V6B, 6, tcp(V6A, V6B, 40000, 80, PAYLOAD[:2000], v6=True)))
+UDP4_BIG = eth(B, A, 0x0800, ipv4(IP_A, IP_B, 17, udp(IP_A, IP_B, 5000, 5001, PAYLOAD[:2500])))
+TCP4_VLAN = eth(B, A, 0x0800, ipv4(IP_A, IP_B, 6, tcp(IP_A, IP_B, 1, 2, b"x" * 40)), vlan=100)
+ICMP4 = eth(B, A, 0x0800, ipv4(IP_A, IP_B, 1, struct.pack("!BBHHH", 8, 0, 0, 7, 1) + b"ping"))
+ARP_REQ = arp(A, 1, A, IP_A, IP_B)
+ARP_GW = arp(A, 1, A, IP_A, IP_GW)
+DISCOVER = dhcp_msg(A, 1)
+DHCP_FRAME = eth(BCAST, A, 0x0800, ipv4(b"\0" * 4, b"\xff" * 4, 17, udp(b"\0" * 4, b"\xff" * 4, 68, 67, DISCOVER)))
+DNS_Q = dns_query("vm1.acme.internal")
+DNS_FRAME = eth(GW, A, 0x0800, ipv4(IP_A, IP_GW, 17, udp(IP_A, IP_GW, 33333, 53, DNS_Q)))
+
+
+def lease_record(op, last, ip, key=None, host=None):
+    body = {"op": op, "net": "net1", "key": key or "mac:02:00:00:00:00:%02x" % last,
+            "mac": "02:00:00:00:00:%02x" % last, "ip": "10.0.0.%d" % ip, "exp": 1700000000 + ip}
+    if host:
+        body["host"] = host
+    j = json.dumps(body, separators=(",", ":")).encode()
+    return bytes([0xFF, 0xD5, 0x4C, 0x52]) + struct.pack("<II", len(j), zlib.crc32(j)) + j
+
+
+def dhcp_step_structured(dt, ty, mac, flags=0, req=0, sid=0, ciaddr=0, cid=0):
+    return bytes([dt, 0x80, ty, mac, flags, req, sid, ciaddr, cid])
+
+
+def dhcp_step_raw(dt, msg):
+    return bytes([dt, 1]) + struct.pack("<H", len(msg)) + msg
+
+
+def gso_hdr(gso, mss, csum_mode, start=0, off=0):
+    return bytes([gso | (csum_mode << 4)]) + struct.pack("<HHH", mss, start, off)
+
+
+SEEDS = {
+    "flow_key": {
+        "tcp4": TCP4, "tcp4_vlan": TCP4_VLAN, "tcp6": TCP6_BIG[:200], "icmp4": ICMP4,
+        "arp": ARP_REQ, "dhcp_discover": DHCP_FRAME,
+    },
+    "vnet_hdr": {
+        "tso4": bytes([1, 1, 66, 0, 0xA8, 0x05, 34, 0, 16, 0, 0, 0]),
+        "plain": bytes(12),
+        "tso6_ecn": bytes([1, 0x84, 86, 0, 0x98, 0x05, 54, 0, 16, 0, 0, 0]),
+        "uso_valid": bytes([2, 5, 42, 0, 0xC8, 0x05, 0, 0, 0, 0, 1, 0]),
+    },
+    "gso": {
+        "tso4_auto": gso_hdr(1, 1448, 1) + TCP4_BIG,
+        "tso6": gso_hdr(2, 1440, 0) + TCP6_BIG,
+        "uso4": gso_hdr(3, 1200, 1) + UDP4_BIG,
+        "csum_only": gso_hdr(0, 0, 1) + TCP4_VLAN,
+        "raw_csum": gso_hdr(0, 0, 2, 34, 16) + TCP4,
+    },
+    "config": {},
+    "control_request": {
+        "show": b'{"cmd":"show"}', "fdb": b'{"cmd":"fdb","network":"acme/apps"}',
+        "leases": b'{"cmd":"leases"}', "reload": b'{"cmd":"reload"}',
+    },
+    "pipeline": {
+        "arp_for_b": b"\x00" + ARP_REQ, "arp_for_gw": b"\x00" + ARP_GW,
+        "dns_to_gw": b"\x00" + DNS_FRAME, "dhcp_from_c": b"\x02" + DHCP_FRAME,
+        "tcp_a_to_b": b"\x00" + TCP4, "tcp_vlan": b"\x08" + TCP4_VLAN,
+    },
+    "dhcp_server": {
+        # DISCOVER, REQUEST (selecting) for the offered 10.0.0.2, RELEASE.
+        "dora_release": bytes([3]) + dhcp_step_structured(0, 1, 0) + dhcp_step_structured(1, 3, 0, req=2, sid=1)
+        + dhcp_step_structured(5, 7, 0, sid=1, ciaddr=2),
+        # Reserved MAC, init-reboot of a wrong address (NAK), decline, expiry.
+        "reserved_nak_decline": bytes([5]) + dhcp_step_structured(0, 1, 7, flags=7) + dhcp_step_structured(0, 3, 7, req=9)
+        + dhcp_step_structured(0, 3, 7, req=5, sid=1) + dhcp_step_structured(3, 4, 7, req=5, sid=1) + bytes([200, 0x40]),
+        # Two clients with client identifiers, renewing (ciaddr), and an INFORM.
+        "client_ids": bytes([6]) + dhcp_step_structured(0, 1, 1, cid=1) + dhcp_step_structured(0, 1, 2, cid=2)
+        + dhcp_step_structured(0, 3, 1, req=2, sid=1, cid=1) + dhcp_step_structured(60, 3, 1, ciaddr=2, cid=1)
+        + dhcp_step_structured(0, 8, 3, ciaddr=20) + bytes([130, 0x40]),
+        "raw_discover": bytes([1]) + dhcp_step_raw(0, DISCOVER),
+    },
+    "lease_log": {
+        "bound_two": lease_record("bound", 1, 10, host="vm1") + lease_record("bound", 2, 11),
+        "bound_released": lease_record("bound", 1, 10) + lease_record("released", 1, 10) + lease_record("bound", 3, 12, key="id:0102"),
+        "torn_tail": lease_record("bound", 1, 10) + lease_record("bound", 2, 11)[:20],
+        "garbage_between": lease_record("bound", 1, 10) + b"junk" + lease_record("expired", 1, 10),
+    },
+    "dns_answer": {
+        "a_vm1": b"\x00" + DNS_Q,
+        "ptr": b"\x00" + dns_query("1.0.0.10.in-addr.arpa", qtype=12),
+        "many_edns": b"\x00" + dns_query("many.acme.internal", edns=1232),
+        "many_classic": b"\x01" + dns_query("many"),
+        "aaaa_nodata": b"\x00" + dns_query("vm2", qtype=28),
+        "nxdomain": b"\x00" + dns_query("nope.acme.internal"),
+    },
+}
+
+
+def main():
+    for ex in sorted(os.listdir(EXAMPLES)):
+        if ex.endswith(".toml"):
+            with open(os.path.join(EXAMPLES, ex), "rb") as f:
+                SEEDS["config"][ex[:-5]] = f.read()
+    for target, seeds in SEEDS.items():
+        d = os.path.join(CORPUS, target)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        for name, data in seeds.items():
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+    print("wrote", sum(len(s) for s in SEEDS.values()), "seeds to", CORPUS)
+
+
+if __name__ == "__main__":
+    main()
