@@ -976,7 +976,12 @@ impl Bg {
 impl Drop for Bg {
     fn drop(&mut self) {
         if self.running() {
-            let _ = self.child.kill();
+            // SIGTERM first: daemons such as dhcpcd stop their helper
+            // processes on it, SIGKILL would orphan them.
+            let _ = signal(self.child.id(), Signal::TERM);
+            if !wait_until(Duration::from_secs(3), || !self.running()) {
+                let _ = self.child.kill();
+            }
             let _ = self.child.wait();
         }
     }
