@@ -629,6 +629,18 @@ impl FlowKey {
         }
         frame.get(usize::from(self.l4_offset)..).unwrap_or_default()
     }
+
+    /// The UDP payload, bounded by the UDP length field (so Ethernet
+    /// padding is excluded); `None` unless L4 is UDP and the datagram is
+    /// whole in `frame`.
+    pub fn udp_payload<'a>(&self, frame: &'a [u8]) -> Option<&'a [u8]> {
+        if !matches!(self.l4, L4::Udp { .. }) {
+            return None;
+        }
+        let udp = frame.get(usize::from(self.l4_offset)..)?;
+        let len = usize::from(u16::from_be_bytes([*udp.get(4)?, *udp.get(5)?]));
+        udp.get(8..len)
+    }
 }
 
 #[cfg(test)]
@@ -636,6 +648,22 @@ pub(crate) mod tests {
     use super::*;
     use etherparse::{PacketBuilder, VlanId};
     use proptest::prelude::*;
+
+    #[test]
+    fn udp_payload_excludes_padding() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(SRC, [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(68, 67)
+            .write(&mut f, &[7, 7, 7])
+            .unwrap();
+        f.resize(60, 0); // Ethernet minimum-size padding
+        let k = FlowKey::parse(&f).unwrap();
+        assert_eq!(k.udp_payload(&f), Some(&[7u8, 7, 7][..]));
+        assert_eq!(k.udp_payload(&f[..f.len() - 20]), None); // cut datagram
+        let arp = FlowKey::parse(&[0u8; 60]).unwrap();
+        assert_eq!(arp.udp_payload(&[0u8; 60]), None);
+    }
 
     const SRC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const DST: [u8; 6] = [2, 0, 0, 0, 0, 2];

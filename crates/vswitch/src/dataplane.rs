@@ -173,7 +173,10 @@ impl Snapshot {
         }
         if let (Some(q), L3::Ipv4(_), L4::Udp { dst_port: 67, .. }) = (&net.dhcp, &key.l3, &key.l4)
         {
-            return match dhcp_payload(buf.frame(), &key) {
+            return match key
+                .udp_payload(buf.frame())
+                .filter(|p| !p.is_empty() && p.len() <= MAX_MESSAGE)
+            {
                 Some(payload) => match q.submit(DhcpRequest {
                     net: net.cfg.key(),
                     port: ingress.id,
@@ -202,20 +205,6 @@ impl Snapshot {
         }
         net.bridge.decide(&ing, buf.frame(), now)
     }
-}
-
-/// The UDP payload of a DHCP message (bounded by the IPv4 total length and
-/// [`MAX_MESSAGE`]), if the frame holds one whole.
-fn dhcp_payload<'a>(frame: &'a [u8], key: &FlowKey) -> Option<&'a [u8]> {
-    let l3 = usize::from(key.l3_offset);
-    let l4 = usize::from(key.l4_offset);
-    let total = usize::from(u16::from_be_bytes([
-        *frame.get(l3 + 2)?,
-        *frame.get(l3 + 3)?,
-    ]));
-    let end = (l3 + total).min(frame.len());
-    let p = frame.get(l4.checked_add(8)?..end)?;
-    (!p.is_empty() && p.len() <= MAX_MESSAGE).then_some(p)
 }
 
 /// Writes a frame made by the switch (DHCP reply) to `port`, counting it.

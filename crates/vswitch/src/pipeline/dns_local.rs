@@ -45,14 +45,7 @@ pub fn serve(
     if dst != gateway {
         return Outcome::NotMine;
     }
-    let frame = buf.frame();
-    let l3 = usize::from(key.l3_offset);
-    let l4 = usize::from(key.l4_offset);
-    let total = match (frame.get(l3 + 2), frame.get(l3 + 3)) {
-        (Some(&a), Some(&b)) => usize::from(u16::from_be_bytes([a, b])),
-        _ => return Outcome::Dropped(DropReason::DnsIgnored),
-    };
-    let Some(query) = frame.get(l4 + 8..(l3 + total).min(frame.len())) else {
+    let Some(query) = key.udp_payload(buf.frame()) else {
         return Outcome::Dropped(DropReason::DnsIgnored);
     };
     let answer = match dns::answer(&zone.load(), query, dns::EDNS_UDP_LEN) {
