@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vswitch's demo, tests and benchmarks run on a fresh Debian
 # machine: iproute2, ping, iperf3, tcpdump, python3, the DHCP clients
-# dhclient/udhcpc/dhcpcd and dig (the lab's real peers).
+# dhclient/udhcpc/dhcpcd, dig and tshark (the lab's real peers).
 # Idempotent; needs root for apt-get.
 set -euo pipefail
 
@@ -18,6 +18,7 @@ have dhclient || need+=(isc-dhcp-client)
 have udhcpc   || need+=(udhcpc)
 have dhcpcd   || need+=(dhcpcd-base)
 have dig      || need+=(dnsutils)
+have tshark   || need+=(tshark)
 
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}"

@@ -844,7 +844,8 @@ impl Lab {
     }
 }
 
-fn netns_exists(name: &str) -> bool {
+/// True if the named network namespace exists.
+pub fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
 }
 
@@ -868,6 +869,146 @@ impl Drop for Lab {
             }
             // vslab's per-namespace resolv.conf (gone already for ports
             // still in the config; not for ports a test removed from it).
+            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Multi-host lab guard
+// ---------------------------------------------------------------------------
+
+/// A multi-host lab made by `vslab up FILE --run-dir DIR` (hosts, underlay,
+/// one `vswitchd` per host namespace, VMs). On drop: `vslab down` (which
+/// stops the lab's switches by their recorded pids), then `ip netns del` of
+/// any namespace left; the switches' logs are printed if the test failed.
+#[derive(Debug)]
+pub struct MultiLab {
+    config: PathBuf,
+    run_dir: PathBuf,
+    hosts: Option<Vec<String>>,
+    namespaces: Vec<String>,
+}
+
+impl MultiLab {
+    /// `vslab up CONFIG --run-dir DIR/run [--hosts H,...]`; `namespaces`
+    /// lists every namespace the lab makes (hosts, VMs, `ul-FIRSTHOST`).
+    pub fn up(dir: &TestDir, config: &Path, hosts: Option<&[&str]>, namespaces: &[String]) -> Self {
+        let lab = MultiLab {
+            config: config.to_path_buf(),
+            run_dir: dir.file("run"),
+            hosts: hosts.map(|h| h.iter().map(|s| s.to_string()).collect()),
+            namespaces: namespaces.to_vec(),
+        };
+        let mut cmd = Command::new(&bins().vslab);
+        cmd.arg("up").arg(&lab.config).args(["--wait", "15"]);
+        lab.common_args(&mut cmd);
+        let out = run_timeout(&mut cmd, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "vslab up {} failed:\n{}",
+            lab.config.display(),
+            fmt_output(&out)
+        );
+        lab
+    }
+
+    fn common_args(&self, cmd: &mut Command) {
+        cmd.arg("--run-dir").arg(&self.run_dir);
+        cmd.arg("--vswitchd").arg(&bins().vswitchd);
+        if let Some(h) = &self.hosts {
+            cmd.arg("--hosts").arg(h.join(","));
+        }
+    }
+
+    /// Host `h`'s control socket.
+    pub fn socket(&self, h: &str) -> PathBuf {
+        self.run_dir.join(format!("{h}.sock"))
+    }
+
+    /// Host `h`'s switch log.
+    pub fn log(&self, h: &str) -> String {
+        fs::read_to_string(self.run_dir.join(format!("{h}.log"))).unwrap_or_default()
+    }
+
+    /// The pid host `h`'s switch recorded.
+    pub fn pid(&self, h: &str) -> Option<u32> {
+        fs::read_to_string(self.run_dir.join(format!("{h}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// `vswitchctl --socket HOST.sock --json ARGS...`, parsed.
+    pub fn ctl(&self, h: &str, args: &[&str]) -> Value {
+        let mut cmd = Command::new(&bins().vswitchctl);
+        cmd.arg("--socket")
+            .arg(self.socket(h))
+            .arg("--json")
+            .args(args);
+        let out = run_timeout(&mut cmd, Duration::from_secs(10));
+        assert!(
+            out.status.success(),
+            "vswitchctl {args:?} on {h} failed:\n{}",
+            fmt_output(&out)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("vswitchctl {args:?}: bad JSON ({e}):\n{}", fmt_output(&out))
+        })
+    }
+
+    /// `ip netns exec NS ARGS...` with a deadline of 30 s.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).args(args);
+        run_timeout(&mut cmd, Duration::from_secs(30))
+    }
+
+    /// Asserts that `ns` pings `ip` with 0% loss.
+    pub fn assert_ping(&self, ns: &str, ip: &str, count: u32) {
+        let c = count.to_string();
+        let out = self.exec(ns, &["ping", "-n", "-c", &c, "-i", "0.2", "-W", "2", ip]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(" 0% packet loss"),
+            "ping {ip} from {ns} failed:\n{}",
+            fmt_output(&out)
+        );
+    }
+
+    /// `vslab down` now (the drop does it otherwise); returns its output.
+    pub fn down(&mut self) -> Output {
+        let mut cmd = Command::new(&bins().vslab);
+        cmd.arg("down").arg(&self.config);
+        self.common_args(&mut cmd);
+        run_timeout(&mut cmd, Duration::from_secs(60))
+    }
+}
+
+impl Drop for MultiLab {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            for e in fs::read_dir(&self.run_dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = fs::read_to_string(&p).unwrap_or_default();
+                    eprintln!("---- {} ----\n{text}", p.display());
+                }
+            }
+        }
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.down()));
+        match res {
+            Ok(out) if !out.status.success() => {
+                eprintln!("vslab down failed:\n{}", fmt_output(&out))
+            }
+            Ok(_) => {}
+            Err(_) => eprintln!("vslab down did not finish"),
+        }
+        for ns in &self.namespaces {
+            if netns_exists(ns) {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
             let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }

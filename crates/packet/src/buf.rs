@@ -143,6 +143,17 @@ impl PacketBuf {
         true
     }
 
+    /// Appends `bytes` at the end of the frame (GRO coalescing); `false` and
+    /// no change if they do not fit in the capacity.
+    pub fn append(&mut self, bytes: &[u8]) -> bool {
+        let Some(dst) = self.data.get_mut(self.end..self.end + bytes.len()) else {
+            return false;
+        };
+        dst.copy_from_slice(bytes);
+        self.end += bytes.len();
+        true
+    }
+
     /// Cuts the frame to `len` bytes (no-op if already shorter).
     pub fn truncate(&mut self, len: usize) {
         if len < self.len() {
@@ -180,6 +191,18 @@ mod tests {
         assert_eq!(b.capacity(), 100);
         assert!(!b.replace_frame(&[0; 101]));
         assert_eq!(b.len(), 60);
+    }
+
+    #[test]
+    fn append_bounded_by_capacity() {
+        let mut b = PacketBuf::with_capacity(100);
+        assert!(b.replace_frame(&[1; 60]));
+        assert!(b.append(&[2; 40]));
+        assert_eq!(b.len(), 100);
+        assert_eq!(&b.frame()[58..62], &[1, 1, 2, 2]);
+        assert!(!b.append(&[3]));
+        assert_eq!(b.len(), 100);
+        assert!(b.append(&[]));
     }
 
     #[test]

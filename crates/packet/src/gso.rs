@@ -99,6 +99,69 @@ pub fn complete_checksum(buf: &mut PacketBuf) -> Result<(), GsoError> {
     Ok(())
 }
 
+/// Recognises a frame whose TCP or UDP checksum a Linux sender left
+/// partial: the checksum field holds the pseudo-header sum only (an skb in
+/// `CHECKSUM_PARTIAL` crosses veths and the kernel's VXLAN without ever
+/// being completed; only a real NIC would). When the checksum does not
+/// verify but the field is exactly that sum, marks `buf.offload.csum` so
+/// the egress (a tap) completes it, and returns true. A correct or simply
+/// corrupt checksum is left alone (false). IP fragments are never touched.
+pub fn recover_partial_checksum(buf: &mut PacketBuf) -> bool {
+    match partial_checksum(buf) {
+        Some(c) => {
+            buf.offload.csum = Some(c);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The checksum offload [`recover_partial_checksum`] would set, without
+/// changing `buf`.
+pub fn partial_checksum(buf: &PacketBuf) -> Option<crate::offload::CsumOffload> {
+    if buf.offload.csum.is_some() || buf.offload.gso != GsoType::None {
+        return None;
+    }
+    let frame = buf.frame();
+    let Ok(key) = FlowKey::parse(frame) else {
+        return None;
+    };
+    let (Some(ip), Some(end)) = (key.ip(), ip_end(frame, &key)) else {
+        return None;
+    };
+    let field_off: usize = match key.l4 {
+        L4::Tcp { .. } => 16,
+        L4::Udp { .. } => 6,
+        _ => return None,
+    };
+    if ip.frag != Frag::None || key.malformed.is_some() {
+        return None;
+    }
+    let l4 = usize::from(key.l4_offset);
+    let (Some(l4_len), Some(field)) = (
+        end.checked_sub(l4).and_then(|n| u16::try_from(n).ok()),
+        be16(frame, l4 + field_off),
+    ) else {
+        return None;
+    };
+    if l4 + field_off + 2 > end || (field_off == 6 && field == 0) {
+        return None;
+    }
+    let pseudo = match (ip.src, ip.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => pseudo_header_v4(s, d, ip.proto, l4_len),
+        (IpAddr::V6(s), IpAddr::V6(d)) => pseudo_header_v6(&s, &d, ip.proto, u32::from(l4_len)),
+        _ => return None,
+    };
+    let data = frame.get(l4..end).unwrap_or_default();
+    if fold(add(pseudo, sum(data))) == 0xffff || field != fold(pseudo) {
+        return None;
+    }
+    Some(crate::offload::CsumOffload {
+        start: key.l4_offset,
+        offset: field_off as u16,
+    })
+}
+
 /// Cuts the super-frame in `buf` into segments of at most `gso_size` payload
 /// bytes and hands each complete frame (checksums done, no offload left) to
 /// `emit`, in order. Returns the number of segments.
@@ -236,6 +299,42 @@ pub fn segment(buf: &PacketBuf, mut emit: impl FnMut(&[u8])) -> Result<usize, Gs
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn partial_checksum_from_a_linux_sender_is_recognised() {
+        for udp in [false, true] {
+            let mut f = Vec::new();
+            let b = PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64);
+            if udp {
+                b.udp(1000, 2000).write(&mut f, &[7u8; 300]).unwrap();
+            } else {
+                b.tcp(1000, 2000, 1, 1000)
+                    .write(&mut f, &[7u8; 300])
+                    .unwrap();
+            }
+            let field = 34 + if udp { 6 } else { 16 };
+            let good = f.clone();
+            // A complete checksum is left alone.
+            let mut buf = PacketBuf::from_frame(&good);
+            assert!(!recover_partial_checksum(&mut buf));
+            // The pseudo-header sum alone, as CHECKSUM_PARTIAL leaves it.
+            let p = fold(pseudo_header_v4(
+                [10, 0, 0, 1].into(),
+                [10, 0, 0, 2].into(),
+                if udp { 17 } else { 6 },
+                (good.len() - 34) as u16,
+            ));
+            f[field..field + 2].copy_from_slice(&p.to_be_bytes());
+            let mut buf = PacketBuf::from_frame(&f);
+            assert!(recover_partial_checksum(&mut buf));
+            complete_checksum(&mut buf).unwrap();
+            assert_eq!(buf.frame(), &good[..]);
+            // Anything else wrong stays wrong.
+            f[field] ^= 0x40;
+            let mut buf = PacketBuf::from_frame(&f);
+            assert!(!recover_partial_checksum(&mut buf));
+        }
+    }
+
     use super::*;
     use crate::flow::tests::mutated_frame;
     use crate::offload::CsumOffload;

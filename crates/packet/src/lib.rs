@@ -17,7 +17,9 @@
 //! * [`checksum`]: the Internet checksum, pseudo headers and incremental
 //!   updates (RFC 1071, RFC 1624);
 //! * [`gso`]: the software fallback for egresses that cannot take an
-//!   offload: checksum completion and TSO4/TSO6/USO segmentation.
+//!   offload: checksum completion and TSO4/TSO6/USO segmentation;
+//! * [`gro`]: the inverse on receive: consecutive TCP segments of a flow
+//!   merged into one TSO super-frame for a tap with a vnet header.
 //!
 //! What it is not: it owns no file descriptors, threads or clocks, and it
 //! makes no forwarding decisions. Every function here takes untrusted bytes
@@ -28,6 +30,7 @@
 pub mod buf;
 pub mod checksum;
 pub mod flow;
+pub mod gro;
 pub mod gso;
 pub mod mac;
 pub mod offload;
@@ -35,6 +38,7 @@ pub mod view;
 
 pub use buf::{PacketBuf, HEADROOM, MAX_FRAME};
 pub use flow::{ArpKey, FlowKey, Frag, IpKey, Malformed, ParseError, L3, L4};
+pub use gro::{Gro, GroStats};
 pub use gso::{complete_checksum, segment, GsoError};
 pub use mac::MacAddr;
 pub use offload::{CsumOffload, GsoType, Offload, OffloadCaps, OffloadError, VNET_HDR_LEN};

@@ -30,7 +30,27 @@ struct RawFile {
     #[serde(default)]
     switch: RawSwitch,
     #[serde(default)]
+    underlay: RawUnderlay,
+    #[serde(default)]
+    host: Vec<RawHost>,
+    #[serde(default)]
     tenant: Vec<RawTenant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnderlay {
+    port: Option<u16>,
+    ttl: Option<u8>,
+    mtu: Option<u16>,
+    src_ports: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    underlay: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +113,7 @@ struct RawPort {
     tap: Option<String>,
     port_security: Option<bool>,
     hostname: Option<String>,
+    host: Option<String>,
 }
 
 /// Switch-wide settings (`[switch]`).
@@ -104,6 +125,46 @@ pub struct SwitchSettings {
     pub mac_aging: Duration,
     /// Data-plane threads; 0 means half the CPU cores, at least one.
     pub workers: usize,
+}
+
+/// `[underlay]`: how this host's switch reaches the others (VXLAN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnderlaySettings {
+    /// VXLAN UDP destination port (and the port the switch listens on).
+    pub port: u16,
+    /// Outer IPv4 TTL.
+    pub ttl: u8,
+    /// The underlay's IP MTU; overlay networks get `mtu - 50`.
+    pub mtu: u16,
+    /// How many UDP source ports flows are spread over (ECMP entropy).
+    pub src_ports: u16,
+}
+
+impl Default for UnderlaySettings {
+    fn default() -> Self {
+        UnderlaySettings {
+            port: 4789,
+            ttl: 64,
+            mtu: 1500,
+            src_ports: 16,
+        }
+    }
+}
+
+/// Bytes VXLAN over IPv4 adds to an inner IP packet: outer IPv4 (20) + UDP
+/// (8) + VXLAN (8) + the inner Ethernet header (14).
+pub const VXLAN_V4_OVERHEAD: u16 = 50;
+
+/// A host (`[[host]]`): a switch reachable over the underlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// Name, as `vswitchd --host` and ports' `host` give it.
+    pub name: String,
+    /// Its underlay (VTEP) address.
+    pub addr: std::net::Ipv4Addr,
+    /// The underlay prefix length (for `vslab`'s underlay; 24 when the
+    /// config gives a bare address).
+    pub prefix: u8,
 }
 
 /// A tenant network: one bridge domain.
@@ -177,6 +238,8 @@ pub struct Port {
     pub port_security: bool,
     /// DHCP host name (option 12); default: the port name.
     pub hostname: Option<String>,
+    /// The host the port lives on (`None` in a single-host config).
+    pub host: Option<String>,
 }
 
 impl Port {
@@ -214,8 +277,15 @@ pub struct Config {
     pub tenants: Vec<String>,
     /// All networks of all tenants, in file order.
     pub networks: Vec<Network>,
-    /// All ports of all tenants, in file order.
+    /// All ports of all tenants, in file order (on every host).
     pub ports: Vec<Port>,
+    /// `[underlay]` settings.
+    pub underlay: UnderlaySettings,
+    /// `[[host]]` entries; empty for a single-host config.
+    pub hosts: Vec<Host>,
+    /// The host this switch is (`vswitchd --host`), set by
+    /// [`Config::for_host`]; `None` for a single-host config.
+    pub local_host: Option<String>,
 }
 
 /// One problem found in a config file.
@@ -293,6 +363,116 @@ impl Config {
         }
     }
 
+    /// Selects the host this switch plays (`vswitchd --host NAME`). A
+    /// config with `[[host]]` entries needs one of their names; a config
+    /// without needs none.
+    pub fn for_host(mut self, host: Option<&str>) -> Result<Config, ConfigError> {
+        let file = self.path.display().to_string();
+        let names: Vec<&str> = self.hosts.iter().map(|h| h.name.as_str()).collect();
+        let problem = match (host, self.hosts.is_empty()) {
+            (None, true) => None,
+            (None, false) => Some(format!(
+                "the config describes several hosts ({}); start vswitchd with --host NAME to say which one this is",
+                names.join(", ")
+            )),
+            (Some(h), true) => Some(format!(
+                "--host {h:?} given but the config has no [[host]] entries; drop --host or add the hosts"
+            )),
+            (Some(h), false) if !names.contains(&h) => Some(format!(
+                "--host {h:?} is not one of the config's hosts ({}); pick one of them",
+                names.join(", ")
+            )),
+            (Some(_), false) => None,
+        };
+        if let Some(message) = problem {
+            return Err(ConfigError::Invalid {
+                file,
+                problems: vec![Problem {
+                    item: "[[host]]".into(),
+                    message,
+                }],
+            });
+        }
+        self.local_host = host.map(str::to_string);
+        Ok(self)
+    }
+
+    /// Whether `port` lives on this host.
+    pub fn is_local(&self, port: &Port) -> bool {
+        self.local_host.is_none() || port.host == self.local_host
+    }
+
+    /// Ports on this host, in file order.
+    pub fn local_ports(&self) -> impl Iterator<Item = &Port> {
+        self.ports.iter().filter(|p| self.is_local(p))
+    }
+
+    /// The host named `name`.
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// The IP MTU of overlay networks (underlay MTU minus VXLAN's 50 bytes),
+    /// when the config spans hosts.
+    pub fn overlay_mtu(&self) -> Option<u16> {
+        (!self.hosts.is_empty()).then(|| self.underlay.mtu.saturating_sub(VXLAN_V4_OVERHEAD))
+    }
+
+    /// Hosts with at least one port in `net`, sorted by name.
+    pub fn hosts_of(&self, net: &Network) -> Vec<&str> {
+        let key = net.key();
+        let mut hs: Vec<&str> = self
+            .ports
+            .iter()
+            .filter(|p| p.net_key() == key)
+            .filter_map(|p| p.host.as_deref())
+            .collect();
+        hs.sort_unstable();
+        hs.dedup();
+        hs
+    }
+
+    /// The part of `net`'s DHCP pools this host hands out. Every host runs
+    /// its own DHCP server for its own VMs, so a network spanning hosts
+    /// splits its pool addresses into equal contiguous shares, one per host
+    /// with ports in the network, in host-name order: every host computes
+    /// the same split from the same file, and no address is handed out
+    /// twice.
+    pub fn local_pools(&self, net: &Network) -> Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+        let Some(d) = &net.dhcp else {
+            return Vec::new();
+        };
+        let Some(me) = &self.local_host else {
+            return d.pools.clone();
+        };
+        let hosts = self.hosts_of(net);
+        let Some(idx) = hosts.iter().position(|h| h == me) else {
+            return Vec::new();
+        };
+        let total: u64 = d
+            .pools
+            .iter()
+            .map(|(a, b)| u64::from(u32::from(*b)) - u64::from(u32::from(*a)) + 1)
+            .sum();
+        let n = hosts.len() as u64;
+        let (lo, hi) = (total * idx as u64 / n, total * (idx as u64 + 1) / n);
+        // Walk the pools, keeping the addresses with ordinal in [lo, hi).
+        let mut out = Vec::new();
+        let mut base = 0u64;
+        for (a, b) in &d.pools {
+            let (a, b) = (u64::from(u32::from(*a)), u64::from(u32::from(*b)));
+            let len = b - a + 1;
+            let (s, e) = (lo.max(base), hi.min(base + len));
+            if s < e {
+                let first = u32::try_from(a + (s - base)).unwrap_or(u32::MAX);
+                let last = u32::try_from(a + (e - base) - 1).unwrap_or(u32::MAX);
+                out.push((first.into(), last.into()));
+            }
+            base += len;
+        }
+        out
+    }
+
     /// The network a port belongs to.
     pub fn network_of(&self, port: &Port) -> Option<&Network> {
         self.networks
@@ -338,6 +518,8 @@ impl Validator {
 
     fn validate(&mut self, path: &Path, raw: RawFile) -> Config {
         let switch = self.switch(raw.switch);
+        let underlay = self.underlay(raw.underlay);
+        let hosts = self.hosts(raw.host);
         let mut tenants = Vec::new();
         let mut networks: Vec<Network> = Vec::new();
         let mut ports: Vec<Port> = Vec::new();
@@ -446,6 +628,24 @@ impl Validator {
                         self.problem(&pitem, format!("hostname {h:?} is not a DNS label; use 1-63 characters of A-Z a-z 0-9 - _"));
                     }
                 }
+                match (&p.host, hosts.is_empty()) {
+                    (Some(h), false) if !hosts.iter().any(|x| &x.name == h) => {
+                        let names: Vec<&str> = hosts.iter().map(|x| x.name.as_str()).collect();
+                        self.problem(&pitem, format!("host {h:?} is not a [[host]] of this config (hosts: {}); set host to one of them or add a [[host]] named {h:?}", names.join(", ")));
+                    }
+                    (None, false) => self.problem(
+                        &pitem,
+                        "the config has [[host]] entries, so every port says where it lives; add host = \"NAME\"",
+                    ),
+                    (Some(h), true) => self.problem(
+                        &pitem,
+                        format!("host {h:?} is set but the config has no [[host]] entries; add [[host]] name = {h:?} underlay = \"ADDRESS\", or remove host"),
+                    ),
+                    _ => {}
+                }
+                if hosts.iter().any(|x| x.name == p.name) {
+                    self.problem(&pitem, "a host has the same name (ports and hosts name lab namespaces); rename one");
+                }
                 let tap = p.tap.clone().unwrap_or_else(|| format!("vs-{}", p.name));
                 if let Err(why) = check_ifname(&tap) {
                     if p.tap.is_some() {
@@ -465,6 +665,7 @@ impl Validator {
                     tap,
                     port_security: p.port_security.unwrap_or(true),
                     hostname: p.hostname,
+                    host: p.host,
                 });
             }
         }
@@ -485,13 +686,98 @@ impl Validator {
             }
         }
 
+        if !hosts.is_empty() {
+            let overlay = underlay.mtu.saturating_sub(VXLAN_V4_OVERHEAD);
+            for n in &networks {
+                if let Some(m) = n.dhcp.as_ref().and_then(|d| d.mtu) {
+                    if m > overlay {
+                        self.problem(
+                            format!("tenant {:?}, network {:?}, [dhcp]", n.tenant, n.name),
+                            format!("mtu {m} does not fit VXLAN over the underlay MTU {} (at most {overlay}); lower mtu or raise [underlay] mtu", underlay.mtu),
+                        );
+                    }
+                }
+            }
+        }
+
         Config {
             path: path.to_path_buf(),
             switch,
             tenants,
             networks,
             ports,
+            underlay,
+            hosts,
+            local_host: None,
         }
+    }
+
+    fn underlay(&mut self, u: RawUnderlay) -> UnderlaySettings {
+        let d = UnderlaySettings::default();
+        let s = UnderlaySettings {
+            port: u.port.unwrap_or(d.port),
+            ttl: u.ttl.unwrap_or(d.ttl),
+            mtu: u.mtu.unwrap_or(d.mtu),
+            src_ports: u.src_ports.unwrap_or(d.src_ports),
+        };
+        self.in_range("[underlay]", "port", s.port, 1..=65535);
+        self.in_range("[underlay]", "ttl", s.ttl, 1..=255);
+        self.in_range("[underlay]", "mtu", s.mtu, 1280..=9216);
+        self.in_range("[underlay]", "src_ports", s.src_ports, 1..=256);
+        s
+    }
+
+    fn hosts(&mut self, raw: Vec<RawHost>) -> Vec<Host> {
+        let mut hosts: Vec<Host> = Vec::new();
+        for h in raw {
+            let item = format!("host {:?}", h.name);
+            // Host names name lab namespaces, with "ul-" in front for the
+            // underlay's.
+            check_name(self, &item, "host name", &h.name, 12);
+            let (addr, prefix) = match h.underlay.split_once('/') {
+                None => (h.underlay.as_str(), Some(24)),
+                Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| (8..=30).contains(p))),
+            };
+            let (Ok(addr), Some(prefix)) = (addr.trim().parse::<std::net::Ipv4Addr>(), prefix)
+            else {
+                self.problem(&item, format!("underlay {:?} is not an IPv4 address (optionally with a /8../30 prefix for the lab); write it like \"198.19.0.1/16\"", h.underlay));
+                continue;
+            };
+            if addr.is_unspecified()
+                || addr.is_multicast()
+                || addr.is_broadcast()
+                || addr.is_loopback()
+            {
+                self.problem(&item, format!("underlay {addr} cannot be a host's address; use the host's unicast underlay address"));
+                continue;
+            }
+            if let Some(o) = hosts.iter().find(|o| o.name == h.name) {
+                self.problem(
+                    &item,
+                    format!(
+                        "the host is defined twice (underlay {} and {addr}); remove one",
+                        o.addr
+                    ),
+                );
+                continue;
+            }
+            if let Some(o) = hosts.iter().find(|o| o.addr == addr) {
+                self.problem(
+                    &item,
+                    format!(
+                        "underlay {addr} is also host {:?}'s; each host needs its own address",
+                        o.name
+                    ),
+                );
+                continue;
+            }
+            hosts.push(Host {
+                name: h.name,
+                addr,
+                prefix,
+            });
+        }
+        hosts
     }
 
     /// Reports `key` = `v` outside `range`; true when it is inside.
@@ -1043,5 +1329,128 @@ name = "acme"
             "expected at least two examples in {}",
             dir.display()
         );
+    }
+
+    const HOSTS: &str = r#"
+[underlay]
+mtu = 1600
+
+[[host]]
+name = "a"
+underlay = "198.19.0.1/16"
+
+[[host]]
+name = "b"
+underlay = "198.19.0.2"
+
+[[tenant]]
+name = "acme"
+  [[tenant.network]]
+  name = "web"
+  vni = 1001
+  cidr = "10.0.1.0/24"
+  gateway = "10.0.1.1"
+  [tenant.network.dhcp]
+  pool = ["10.0.1.100-10.0.1.109", "10.0.1.200-10.0.1.204"]
+  [[tenant.port]]
+  name = "vm1"
+  network = "web"
+  host = "a"
+  [[tenant.port]]
+  name = "vm2"
+  network = "web"
+  host = "b"
+  [[tenant.port]]
+  name = "vm3"
+  network = "web"
+  host = "b"
+"#;
+
+    #[test]
+    fn hosts_parse_and_select() {
+        let c = parse(HOSTS).unwrap();
+        assert_eq!(c.hosts.len(), 2);
+        assert_eq!(c.hosts[0].prefix, 16);
+        assert_eq!(c.hosts[1].prefix, 24);
+        assert_eq!(c.overlay_mtu(), Some(1550));
+        let e = c.clone().for_host(None).unwrap_err().to_string();
+        assert!(e.contains("t.toml: [[host]]: the config describes several hosts (a, b); start vswitchd with --host NAME"), "{e}");
+        let e = c.clone().for_host(Some("c")).unwrap_err().to_string();
+        assert!(
+            e.contains("--host \"c\" is not one of the config's hosts (a, b)"),
+            "{e}"
+        );
+        let b = c.clone().for_host(Some("b")).unwrap();
+        let local: Vec<&str> = b.local_ports().map(|p| p.name.as_str()).collect();
+        assert_eq!(local, ["vm2", "vm3"]);
+        let e = parse(GOOD)
+            .unwrap()
+            .for_host(Some("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [[host]] entries"), "{e}");
+    }
+
+    #[test]
+    fn pools_split_between_hosts_without_overlap() {
+        let c = parse(HOSTS).unwrap();
+        let net = &c.networks[0];
+        let a = c.clone().for_host(Some("a")).unwrap().local_pools(net);
+        let b = c.clone().for_host(Some("b")).unwrap().local_pools(net);
+        let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+        // 15 addresses, two hosts: 7 and 8, contiguous in pool order.
+        assert_eq!(a, [(ip("10.0.1.100"), ip("10.0.1.106"))]);
+        assert_eq!(
+            b,
+            [
+                (ip("10.0.1.107"), ip("10.0.1.109")),
+                (ip("10.0.1.200"), ip("10.0.1.204"))
+            ]
+        );
+        // Single host: the whole pool.
+        assert_eq!(c.local_pools(net).len(), 2);
+    }
+
+    #[test]
+    fn host_problems_name_the_item_and_fix() {
+        let e = err(&HOSTS.replacen("host = \"b\"", "host = \"z\"", 1));
+        assert!(
+            e.contains("port \"vm2\": host \"z\" is not a [[host]] of this config (hosts: a, b)"),
+            "{e}"
+        );
+        let e = err(&HOSTS.replacen("  host = \"a\"\n", "", 1));
+        assert!(e.contains("port \"vm1\": the config has [[host]] entries, so every port says where it lives; add host = \"NAME\""), "{e}");
+        let e = err(&HOSTS.replace("198.19.0.2\"", "198.19.0.1\""));
+        assert!(
+            e.contains("host \"b\": underlay 198.19.0.1 is also host \"a\"'s"),
+            "{e}"
+        );
+        let e = err(&HOSTS.replace("198.19.0.2\"", "banana\""));
+        assert!(
+            e.contains("host \"b\": underlay \"banana\" is not an IPv4 address"),
+            "{e}"
+        );
+        let e = err(&HOSTS
+            .replace("name = \"b\"", "name = \"vm1\"")
+            .replace("host = \"b\"", "host = \"vm1\""));
+        assert!(e.contains("a host has the same name"), "{e}");
+        let e = err(&HOSTS.replace(
+            "[tenant.network.dhcp]",
+            "[tenant.network.dhcp]\n  mtu = 1551",
+        ));
+        assert!(
+            e.contains(
+                "[dhcp]: mtu 1551 does not fit VXLAN over the underlay MTU 1600 (at most 1550)"
+            ),
+            "{e}"
+        );
+        let e = err(&HOSTS.replace("mtu = 1600", "mtu = 100"));
+        assert!(e.contains("[underlay]: mtu 100 is out of range"), "{e}");
+        let e = err(&GOOD.replacen(
+            "network = \"web\"\n",
+            "network = \"web\"\n  host = \"a\"\n",
+            1,
+        ));
+        assert!(e.contains("the config has no [[host]] entries"), "{e}");
     }
 }

@@ -27,6 +27,8 @@ use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
 use crate::pipeline::{Addresses, Bridge, DropReason, IpOwner, Leased};
 use crate::tap::Tap;
+use crate::underlay::{PeerCounters, PeerRt, Underlay, VTEP_BASE};
+use packet::MacAddr;
 
 /// Why the switch could not start or apply a config.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,19 @@ pub enum ApplyError {
     /// A network's DHCP server could not be set up (config or lease log).
     #[error("DHCP: {0}")]
     Dhcp(String),
+    /// The underlay socket could not be opened.
+    #[error("underlay {addr}: {source}{hint}")]
+    Underlay {
+        /// Address and port.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// A reload that would need a restart.
+    #[error("{0}")]
+    NeedsRestart(String),
 }
 
 /// What a reload changed.
@@ -83,6 +98,12 @@ struct State {
     leased: HashMap<NetKey, Arc<ArcSwap<Leased>>>,
     /// DNS zone per tenant, kept across reloads.
     zones: HashMap<String, Arc<ArcSwap<dns::Zone>>>,
+    /// Peer pseudo-port ids by host name, kept across reloads.
+    peer_ids: HashMap<String, PortId>,
+    /// Peer counters by host name, kept across reloads.
+    peer_counters: HashMap<String, Arc<PeerCounters>>,
+    /// Directory MACs of remote ports installed in the bridges.
+    remote_statics: HashSet<(NetKey, MacAddr, PortId)>,
 }
 
 /// The running switch.
@@ -93,6 +114,7 @@ pub struct Daemon {
     workers: Mutex<Option<Workers>>,
     state: Mutex<State>,
     started: Instant,
+    underlay: Option<Arc<Underlay>>,
 }
 
 fn empty_snapshot(config: Arc<Config>) -> Snapshot {
@@ -100,7 +122,30 @@ fn empty_snapshot(config: Arc<Config>) -> Snapshot {
         ports: Vec::new(),
         networks: Vec::new(),
         config,
+        underlay: None,
+        peers: Vec::new(),
+        peer_by_ip: HashMap::new(),
+        by_vni: HashMap::new(),
     }
+}
+
+/// Opens this host's underlay sockets, when the config spans hosts.
+fn open_underlay(config: &Config, workers: usize) -> Result<Option<Arc<Underlay>>, ApplyError> {
+    let Some(me) = config.local_host.as_deref().and_then(|h| config.host(h)) else {
+        return Ok(None);
+    };
+    let u = &config.underlay;
+    Underlay::open(me.addr, u.port, u.ttl, u.mtu, workers, u.src_ports)
+        .map(|ul| Some(Arc::new(ul)))
+        .map_err(|source| ApplyError::Underlay {
+            addr: format!("{}:{}", me.addr, u.port),
+            hint: match source.raw_os_error() {
+                Some(libc::EADDRNOTAVAIL) => "; no interface of this host (network namespace) has that address: is this the right --host?",
+                Some(libc::EADDRINUSE) => "; another process (a kernel vxlan device?) has that UDP port",
+                _ => "",
+            },
+            source,
+        })
 }
 
 impl Daemon {
@@ -116,7 +161,11 @@ impl Daemon {
         };
         let config = Arc::new(config);
         let shared = Arc::new(ArcSwap::from_pointee(empty_snapshot(config.clone())));
+        let underlay = open_underlay(&config, n)?;
         let workers = Workers::start(n, shared.clone())?;
+        if let Some(ul) = &underlay {
+            workers.register_underlay(ul)?;
+        }
         let dhcp = DhcpService::start(state_dir, shared.clone())?;
         let daemon = Daemon {
             dhcp,
@@ -133,8 +182,12 @@ impl Daemon {
                 bridges: HashMap::new(),
                 leased: HashMap::new(),
                 zones: HashMap::new(),
+                peer_ids: HashMap::new(),
+                peer_counters: HashMap::new(),
+                remote_statics: HashSet::new(),
             }),
             started: Instant::now(),
+            underlay,
         };
         daemon.apply((*config).clone())?;
         Ok(daemon)
@@ -150,7 +203,10 @@ impl Daemon {
     pub fn reload(&self) -> Result<ReloadReport, String> {
         let path = self.config().path.clone();
         let kept = "reload refused; the running config is kept";
-        let cfg = Config::load(&path).map_err(|e| format!("{e}\n{kept}"))?;
+        let host = self.config().local_host.clone();
+        let cfg = Config::load(&path)
+            .and_then(|c| c.for_host(host.as_deref()))
+            .map_err(|e| format!("{e}\n{kept}"))?;
         self.apply(cfg)
             .map_err(|e| format!("{}: {e}\n{kept}", path.display()))
     }
@@ -162,13 +218,25 @@ impl Daemon {
         let Some(workers) = workers_guard.as_ref() else {
             return Ok(ReloadReport::default());
         };
+        if let Some(ul) = &self.underlay {
+            let me = new.local_host.as_deref().and_then(|h| new.host(h));
+            let same = me.is_some_and(|h| h.addr == ul.local)
+                && new.underlay.port == ul.port
+                && new.underlay.ttl == ul.ttl
+                && usize::from(new.underlay.src_ports) == ul.src_ports().len();
+            if !same {
+                return Err(ApplyError::NeedsRestart(
+                    "this host's underlay address or [underlay] port, ttl or src_ports changed; those need a restart of vswitchd (the running config is kept)".into(),
+                ));
+            }
+        }
         let new = Arc::new(new);
         let mut report = ReloadReport::default();
 
         // 1. Create every tap we need before touching anything, so a failure
         //    leaves the running state as it was.
         let mut opened: HashMap<String, Arc<TapHandle>> = HashMap::new();
-        for p in &new.ports {
+        for p in new.local_ports() {
             let reusable = st.ports.get(&p.name).is_some_and(|old| {
                 old.cfg.tap == p.tap && !old.tap.detached.load(Ordering::Relaxed)
             });
@@ -226,7 +294,7 @@ impl Daemon {
 
         // 2. Classify ports; assign ids (kept for surviving names, lowest
         //    free id for new ones).
-        let new_names: HashSet<&str> = new.ports.iter().map(|p| p.name.as_str()).collect();
+        let new_names: HashSet<&str> = new.local_ports().map(|p| p.name.as_str()).collect();
         let removed: Vec<String> = st
             .ports
             .keys()
@@ -242,7 +310,7 @@ impl Daemon {
         let mut next_free = 0;
         let mut touched: HashSet<String> = HashSet::new(); // new or changed
         let mut ids: HashMap<String, PortId> = HashMap::new();
-        for p in &new.ports {
+        for p in new.local_ports() {
             match st.ports.get(&p.name) {
                 Some(old) => {
                     ids.insert(p.name.clone(), old.id);
@@ -317,6 +385,44 @@ impl Daemon {
             }
         }
         let directory = StaticDirectory::from_config(&new);
+        // Peers: stable pseudo-port ids and counters per host name.
+        let mut peer_ids = std::mem::take(&mut st.peer_ids);
+        let mut peers: Vec<(PortId, &crate::config::Host)> = Vec::new();
+        for h in &new.hosts {
+            if Some(&h.name) == new.local_host.as_ref() {
+                continue;
+            }
+            let next = (0..)
+                .map(|i| VTEP_BASE + i)
+                .find(|id| !peer_ids.values().any(|v| v == id));
+            let id = *peer_ids
+                .entry(h.name.clone())
+                .or_insert_with(|| next.unwrap_or(VTEP_BASE));
+            peers.push((id, h));
+        }
+        peer_ids.retain(|name, _| new.hosts.iter().any(|h| &h.name == name));
+        let remote_statics: HashSet<(NetKey, MacAddr, PortId)> = new
+            .ports
+            .iter()
+            .filter(|p| !new.is_local(p))
+            .filter_map(|p| {
+                let id = peer_ids.get(p.host.as_deref()?)?;
+                Some((p.net_key(), p.mac, *id))
+            })
+            .collect();
+        for (key, mac, id) in st.remote_statics.difference(&remote_statics) {
+            if let Some(b) = bridges.get(key) {
+                b.fdb().write().remove_static(mac, *id);
+            }
+        }
+        // Peers that went away lose what was learned behind them.
+        for (name, id) in &st.peer_ids {
+            if !peer_ids.contains_key(name) {
+                for b in bridges.values() {
+                    b.fdb().write().flush_port(*id);
+                }
+            }
+        }
         for n in &new.networks {
             let key = n.key();
             let Some(b) = bridges.get(&key) else { continue };
@@ -326,11 +432,29 @@ impl Daemon {
                     fdb.add_static(entry.mac, id);
                 }
             }
+            for (k, mac, id) in &remote_statics {
+                if *k == key && !st.remote_statics.contains(&(k.clone(), *mac, *id)) {
+                    fdb.add_static(*mac, *id);
+                }
+            }
         }
+        let mut peer_counters = std::mem::take(&mut st.peer_counters);
+        peer_counters.retain(|name, _| peer_ids.contains_key(name));
+        let peer_rts: Vec<Arc<PeerRt>> = peers
+            .iter()
+            .map(|(id, h)| {
+                Arc::new(PeerRt {
+                    id: *id,
+                    name: h.name.clone(),
+                    addr: std::net::SocketAddrV4::new(h.addr, new.underlay.port),
+                    counters: peer_counters.entry(h.name.clone()).or_default().clone(),
+                })
+            })
+            .collect();
 
         // 6. New port states and the snapshot.
         let mut ports: HashMap<String, PortState> = HashMap::new();
-        for p in &new.ports {
+        for p in new.local_ports() {
             let id = ids[&p.name];
             let old = st.ports.remove(&p.name);
             let tap = match opened.get(&p.name) {
@@ -351,7 +475,7 @@ impl Daemon {
                 },
             );
         }
-        let snap = build_snapshot(
+        let mut snap = build_snapshot(
             &new,
             &directory,
             &ports,
@@ -360,6 +484,7 @@ impl Daemon {
             &zones,
             &self.dhcp.queue(),
         );
+        add_peers(&mut snap, &new, self.underlay.clone(), &peer_rts);
         self.shared.store(Arc::new(snap));
 
         // 7. Start polling new taps. Old ones left in `st.ports` (removed
@@ -375,6 +500,9 @@ impl Daemon {
         st.bridges = bridges;
         st.leased = leased;
         st.zones = zones;
+        st.peer_ids = peer_ids;
+        st.peer_counters = peer_counters;
+        st.remote_statics = remote_statics;
         st.config = new;
         report.added_ports.sort();
         report.changed_ports.sort();
@@ -443,15 +571,7 @@ impl Daemon {
             .iter_ports()
             .map(|p| {
                 let c = &p.counters;
-                let mut drops = BTreeMap::new();
-                let mut total = 0;
-                for r in DropReason::ALL {
-                    let v = c.drops(r);
-                    if v > 0 {
-                        drops.insert(r.as_str(), v);
-                        total += v;
-                    }
-                }
+                let (drops, total) = drop_map(|r| c.drops(r));
                 let net = snap.networks.get(p.net);
                 json!({
                     "name": p.name, "tenant": p.tenant,
@@ -468,9 +588,43 @@ impl Daemon {
                 })
             })
             .collect();
+        let underlay = snap.underlay.as_ref().map(|ul| {
+            let peers: Vec<Value> = snap
+                .peers
+                .iter()
+                .flatten()
+                .map(|p| {
+                    let c = &p.counters;
+                    let (drops, total) = drop_map(|r| c.drops(r));
+                    let nets: Vec<String> = snap
+                        .networks
+                        .iter()
+                        .filter(|n| n.vteps.contains(&p.id))
+                        .map(|n| n.cfg.key().0)
+                        .collect();
+                    json!({
+                        "name": p.name, "address": p.addr.ip().to_string(), "networks": nets,
+                        "rx_packets": c.rx_packets.load(Ordering::Relaxed),
+                        "rx_bytes": c.rx_bytes.load(Ordering::Relaxed),
+                        "tx_packets": c.tx_packets.load(Ordering::Relaxed),
+                        "tx_bytes": c.tx_bytes.load(Ordering::Relaxed),
+                        "drops_total": total, "drops": drops,
+                    })
+                })
+                .collect();
+            json!({
+                "host": snap.config.local_host, "address": ul.local.to_string(), "port": ul.port,
+                "ttl": ul.ttl, "mtu": snap.config.underlay.mtu,
+                "overlay_mtu": snap.config.overlay_mtu(), "src_ports": ul.src_ports(),
+                "rx_not_peer": ul.counters.rx_not_peer.load(Ordering::Relaxed),
+                "rx_errors": ul.counters.rx_errors.load(Ordering::Relaxed),
+                "peers": peers,
+            })
+        });
         json!({
             "config": snap.config.path.display().to_string(),
             "uptime_secs": self.started.elapsed().as_secs(),
+            "underlay": underlay,
             "workers": workers,
             "offloads": caps,
             "networks": networks,
@@ -509,9 +663,14 @@ impl Daemon {
                     .entries(now)
                     .into_iter()
                     .map(|e| {
+                        let peer = snap.peer(e.port);
                         json!({
                             "mac": e.mac.to_string(),
-                            "port": snap.port(e.port).map(|p| p.name.as_str()),
+                            "port": match peer {
+                                Some(p) => Some(format!("vtep:{}", p.name)),
+                                None => snap.port(e.port).map(|p| p.name.clone()),
+                            },
+                            "vtep": peer.map(|p| p.addr.ip().to_string()),
                             "kind": e.kind, "age_secs": e.age.as_secs(),
                         })
                     })
@@ -527,6 +686,20 @@ impl Daemon {
     }
 }
 
+/// Non-zero drop counters by reason name, and their total.
+fn drop_map(get: impl Fn(DropReason) -> u64) -> (BTreeMap<&'static str, u64>, u64) {
+    let mut drops = BTreeMap::new();
+    let mut total = 0;
+    for r in DropReason::ALL {
+        let v = get(r);
+        if v > 0 {
+            drops.insert(r.as_str(), v);
+            total += v;
+        }
+    }
+    (drops, total)
+}
+
 /// Workers when the config says 0: half the cores, at least one. The VMs'
 /// own stacks run on the same cores (a write into a tap runs the receiving
 /// stack in the writer's thread); on the 2-core bench machine one worker
@@ -534,6 +707,38 @@ impl Daemon {
 /// 0.47 vs 0.63-0.76 CPU s per Gbit/s. Set `workers` to dedicate more.
 pub fn auto_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// Puts the underlay, the peers and each network's flood list into `snap`.
+fn add_peers(
+    snap: &mut Snapshot,
+    cfg: &Config,
+    underlay: Option<Arc<Underlay>>,
+    peers: &[Arc<PeerRt>],
+) {
+    let Some(ul) = underlay else {
+        return;
+    };
+    let max = peers
+        .iter()
+        .map(|p| (p.id - VTEP_BASE) as usize + 1)
+        .max()
+        .unwrap_or(0);
+    snap.peers = vec![None; max];
+    for p in peers {
+        snap.peers[(p.id - VTEP_BASE) as usize] = Some(p.clone());
+        snap.peer_by_ip.insert(*p.addr.ip(), p.id);
+    }
+    for (i, n) in snap.networks.iter_mut().enumerate() {
+        snap.by_vni.insert(n.cfg.vni, i);
+        let hosts = cfg.hosts_of(&n.cfg);
+        n.vteps = peers
+            .iter()
+            .filter(|p| hosts.contains(&p.name.as_str()))
+            .map(|p| p.id)
+            .collect();
+    }
+    snap.underlay = Some(ul);
 }
 
 fn build_snapshot(
@@ -555,7 +760,7 @@ fn build_snapshot(
         };
         let idx = networks.len();
         let mut ids = Vec::new();
-        for p in cfg.ports.iter().filter(|p| p.net_key() == key) {
+        for p in cfg.local_ports().filter(|p| p.net_key() == key) {
             let Some(ps) = ports.get(&p.name) else {
                 continue;
             };
@@ -608,11 +813,13 @@ fn build_snapshot(
                 _ => None,
             },
             zone: zones.get(&n.tenant).cloned().unwrap_or_default(),
+            vteps: Vec::new(),
+            vni: vxlan::Vni::new(n.vni).unwrap_or(vxlan::Vni::from_bytes([0, 0, 0])),
         });
     }
     Snapshot {
         ports: by_id,
         networks,
-        config: cfg.clone(),
+        ..empty_snapshot(cfg.clone())
     }
 }

@@ -239,11 +239,12 @@ pub fn server_config(cfg: &Config, net: &Network) -> Option<ServerConfig> {
     let mut sc = ServerConfig::new(net.key().0, subnet, gw);
     sc.dns_servers = d.dns.clone();
     sc.domain_name = d.domain.clone();
-    sc.mtu = d.mtu;
+    // Over VXLAN the VM's MTU must leave room for the outer headers.
+    sc.mtu = d.mtu.or(cfg.overlay_mtu());
     sc.lease_time = d.lease_secs;
     sc.max_leases = d.max_leases;
-    sc.pools = d
-        .pools
+    sc.pools = cfg
+        .local_pools(net)
         .iter()
         .map(|&(start, end)| dhcp::IpRange { start, end })
         .collect();

@@ -255,6 +255,19 @@ impl Fdb {
         while self.map.len() > self.cap && self.evict_one().is_some() {}
     }
 
+    /// Removes the configured entry of `mac` if it points at `port`; true if
+    /// it did.
+    pub fn remove_static(&mut self, mac: &MacAddr, port: PortId) -> bool {
+        let hit = self
+            .map
+            .get(mac)
+            .is_some_and(|e| e.kind == EntryKind::Static && e.port == port);
+        if hit {
+            self.remove(mac);
+        }
+        hit
+    }
+
     /// Removes every entry, static or learned, that points at `port`.
     pub fn flush_port(&mut self, port: PortId) -> usize {
         let before = self.map.len();

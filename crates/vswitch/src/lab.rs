@@ -4,13 +4,64 @@
 //! a running `vswitchd`) is moved into it and renamed `eth0`, so the
 //! namespace plays the VM. vslab drives iproute2's `ip` (the tool every
 //! reader of a lab script already knows) and only ever touches the
-//! namespaces named after the config's ports and the taps named in it.
+//! namespaces named after the config's ports and hosts and the taps named
+//! in it.
+//!
+//! A multi-host config (`[[host]]` entries) gets the whole lab: a namespace
+//! per host, named after it, joined by an underlay (a Linux bridge in the
+//! namespace `ul-FIRSTHOST`, one veth per host, the host's end `ul0` with
+//! its underlay address), one `vswitchd --host NAME` started inside each
+//! host namespace (socket, log, pid and state under the run directory), and
+//! each VM attached to its host's switch.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, Port};
+use crate::config::{Config, Host, Port};
+use crate::control::{self, Request};
+
+/// Where a multi-host lab keeps each host's switch files, unless told.
+pub const DEFAULT_RUN_DIR: &str = "/run/vswitch/lab";
+
+/// How to run a multi-host lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Sockets, logs, pid files and state of the lab's switches.
+    pub run_dir: PathBuf,
+    /// The `vswitchd` to start in each host namespace.
+    pub vswitchd: PathBuf,
+    /// Only these hosts (default: all); the others are left to the user
+    /// (e.g. a host whose switch is the Linux kernel).
+    pub hosts: Option<Vec<String>>,
+}
+
+impl LabOptions {
+    /// Files of host `h`'s switch.
+    pub fn socket(&self, h: &str) -> PathBuf {
+        self.run_dir.join(format!("{h}.sock"))
+    }
+    fn pid_file(&self, h: &str) -> PathBuf {
+        self.run_dir.join(format!("{h}.pid"))
+    }
+    fn log(&self, h: &str) -> PathBuf {
+        self.run_dir.join(format!("{h}.log"))
+    }
+    fn state(&self, h: &str) -> PathBuf {
+        self.run_dir.join(format!("{h}.state"))
+    }
+    fn selected<'a>(&self, cfg: &'a Config) -> Vec<&'a Host> {
+        cfg.hosts
+            .iter()
+            .filter(|h| self.hosts.as_ref().is_none_or(|s| s.contains(&h.name)))
+            .collect()
+    }
+}
+
+/// The namespace holding a multi-host lab's underlay bridge.
+pub fn underlay_namespace(cfg: &Config) -> Option<String> {
+    cfg.hosts.first().map(|h| format!("ul-{}", h.name))
+}
 
 /// A lab step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +86,19 @@ pub enum LabError {
         /// How long we waited.
         secs: u64,
     },
+    /// A lab switch did not start.
+    #[error("host {host:?}: vswitchd did not start: {why}\n{log}")]
+    Switch {
+        /// The host.
+        host: String,
+        /// What happened.
+        why: String,
+        /// The end of its log.
+        log: String,
+    },
+    /// `--hosts` names a host the config does not have.
+    #[error("--hosts: {0:?} is not a [[host]] of the config")]
+    UnknownHost(String),
     /// No namespace for `exec`.
     #[error("no lab namespace named {0:?}; run `vslab up FILE` first")]
     NoNamespace(String),
@@ -84,15 +148,165 @@ fn ip_ok(args: &[&str]) -> bool {
 
 /// Brings every port of `cfg` up in its namespace; waits up to `wait` for
 /// taps to appear. Returns one progress line per port.
-pub fn up(cfg: &Config, wait: Duration, mut progress: impl FnMut(&str)) -> Result<(), LabError> {
+pub fn up(
+    cfg: &Config,
+    wait: Duration,
+    opts: &LabOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<(), LabError> {
+    if cfg.hosts.is_empty() {
+        for p in &cfg.ports {
+            let line = up_port(cfg, p, None, wait)?;
+            progress(&line);
+        }
+        return Ok(());
+    }
+    if let Some(sel) = &opts.hosts {
+        if let Some(bad) = sel.iter().find(|h| cfg.host(h).is_none()) {
+            return Err(LabError::UnknownHost(bad.clone()));
+        }
+    }
+    let ul = underlay_namespace(cfg).unwrap_or_default();
+    if !ns_exists(&ul) {
+        ip(&ul, &["netns", "add", &ul])?;
+    }
+    if !ip_ok(&["-n", &ul, "link", "show", "dev", "br0"]) {
+        ip(&ul, &["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+    }
+    ip(&ul, &["-n", &ul, "link", "set", "dev", "br0", "up"])?;
+    progress(&format!("{ul}: underlay bridge br0"));
+    std::fs::create_dir_all(&opts.run_dir).map_err(|source| LabError::Spawn {
+        cmd: format!("create {}", opts.run_dir.display()),
+        source,
+    })?;
+    for h in opts.selected(cfg) {
+        progress(&up_host(cfg, h, &ul, wait, opts)?);
+    }
     for p in &cfg.ports {
-        let line = up_port(cfg, p, wait)?;
-        progress(&line);
+        let Some(h) = p.host.as_deref() else { continue };
+        if opts.hosts.as_ref().is_none_or(|s| s.iter().any(|x| x == h)) {
+            let line = up_port(cfg, p, Some(h), wait)?;
+            progress(&line);
+        }
     }
     Ok(())
 }
 
-fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
+/// Host `h`'s namespace, its underlay link and its switch.
+fn up_host(
+    cfg: &Config,
+    h: &Host,
+    ul: &str,
+    wait: Duration,
+    opts: &LabOptions,
+) -> Result<String, LabError> {
+    let ns = h.name.as_str();
+    if !ns_exists(ns) {
+        ip(ns, &["netns", "add", ns])?;
+    }
+    ip(ns, &["-n", ns, "link", "set", "dev", "lo", "up"])?;
+    let mtu = cfg.underlay.mtu.to_string();
+    let outer = format!("ul-{ns}");
+    if !ip_ok(&["-n", ns, "link", "show", "dev", "ul0"]) {
+        ip(
+            ns,
+            &[
+                "-n", ul, "link", "add", &outer, "mtu", &mtu, "type", "veth", "peer", "name",
+                "ul0", "mtu", &mtu, "netns", ns,
+            ],
+        )?;
+    }
+    ip(
+        ns,
+        &[
+            "-n", ul, "link", "set", "dev", &outer, "master", "br0", "up",
+        ],
+    )?;
+    let addr = format!("{}/{}", h.addr, h.prefix);
+    ip(ns, &["-n", ns, "addr", "replace", &addr, "dev", "ul0"])?;
+    ip(ns, &["-n", ns, "link", "set", "dev", "ul0", "up"])?;
+
+    let sock = opts.socket(ns);
+    if switch_pid(opts, ns).is_some() {
+        return Ok(format!(
+            "{ns}: underlay {addr}; vswitchd already running (socket {})",
+            sock.display()
+        ));
+    }
+    let log = std::fs::File::create(opts.log(ns)).map_err(|source| LabError::Spawn {
+        cmd: format!("create {}", opts.log(ns).display()),
+        source,
+    })?;
+    let config = std::fs::canonicalize(&cfg.path).unwrap_or_else(|_| cfg.path.clone());
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(&opts.vswitchd)
+        .arg("--config")
+        .arg(&config)
+        .args(["--host", ns])
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(opts.state(ns))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // Its own process group: a Ctrl-C meant for vslab does not stop it.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
+        cmd: opts.vswitchd.display().to_string(),
+        source,
+    })?;
+    // `ip netns exec` execs the program: the child's pid is vswitchd's.
+    let _ = std::fs::write(opts.pid_file(ns), child.id().to_string());
+    let deadline = Instant::now() + wait;
+    let fail = |why: String| LabError::Switch {
+        host: ns.to_string(),
+        why,
+        log: std::fs::read_to_string(opts.log(ns)).unwrap_or_default(),
+    };
+    loop {
+        if control::request(&sock, &Request::Show {}).is_ok() {
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let _ = std::fs::remove_file(opts.pid_file(ns));
+            return Err(fail(format!("it exited ({st})")));
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!(
+                "no answer on {} within {} s",
+                sock.display(),
+                wait.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(format!(
+        "{ns}: underlay {addr}; vswitchd pid {} (socket {}, log {})",
+        child.id(),
+        sock.display(),
+        opts.log(ns).display()
+    ))
+}
+
+/// The pid of host `h`'s lab switch, if it is running.
+fn switch_pid(opts: &LabOptions, h: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(opts.pid_file(h))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Only a process that is still a vswitchd (pids get reused).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let argv0 = cmdline.split(|&b| b == 0).next()?;
+    Path::new(std::str::from_utf8(argv0).ok()?)
+        .file_name()
+        .is_some_and(|n| n == "vswitchd")
+        .then_some(pid)
+}
+
+fn up_port(cfg: &Config, p: &Port, host: Option<&str>, wait: Duration) -> Result<String, LabError> {
     let ns = p.name.as_str();
     if !ns_exists(ns) {
         ip(ns, &["netns", "add", ns])?;
@@ -116,7 +330,14 @@ fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
     let mut state = "already up";
     if !ip_ok(&["-n", ns, "link", "show", "dev", "eth0"]) {
         let deadline = Instant::now() + wait;
-        while !ip_ok(&["link", "show", "dev", &p.tap]) {
+        // The tap is where its switch runs: this namespace, or the host's.
+        let mut show = vec!["link", "show", "dev", &p.tap];
+        let mut mv = vec!["link", "set", "dev", &p.tap, "netns", ns];
+        if let Some(h) = host {
+            show.splice(0..0, ["-n", h]);
+            mv.splice(0..0, ["-n", h]);
+        }
+        while !ip_ok(&show) {
             if Instant::now() >= deadline {
                 return Err(LabError::NoTap {
                     port: p.name.clone(),
@@ -126,7 +347,7 @@ fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        ip(ns, &["link", "set", "dev", &p.tap, "netns", ns])?;
+        ip(ns, &mv)?;
         ip(
             ns,
             &["-n", ns, "link", "set", "dev", &p.tap, "name", "eth0"],
@@ -146,6 +367,11 @@ fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
         (Some(ipa), Some(net)) => {
             addr = format!("{ipa}/{}", net.cidr.prefix_len());
             ip(ns, &["-n", ns, "addr", "replace", &addr, "dev", "eth0"])?;
+            // What DHCP would have told it: room for VXLAN's headers.
+            if let Some(mtu) = cfg.overlay_mtu() {
+                let mtu = mtu.to_string();
+                ip(ns, &["-n", ns, "link", "set", "dev", "eth0", "mtu", &mtu])?;
+            }
         }
         _ => {}
     }
@@ -157,7 +383,14 @@ fn up_port(cfg: &Config, p: &Port, wait: Duration) -> Result<String, LabError> {
 /// Removes the lab of `cfg`: each `eth0` goes back to this namespace under
 /// its tap name (so a running switch keeps its tap), then the namespace is
 /// deleted. Missing pieces are skipped.
-pub fn down(cfg: &Config, mut progress: impl FnMut(&str)) -> Result<(), LabError> {
+pub fn down(
+    cfg: &Config,
+    opts: &LabOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<(), LabError> {
+    if !cfg.hosts.is_empty() {
+        return down_hosts(cfg, opts, progress);
+    }
     let me = std::process::id().to_string();
     for p in &cfg.ports {
         let ns = p.name.as_str();
@@ -178,6 +411,59 @@ pub fn down(cfg: &Config, mut progress: impl FnMut(&str)) -> Result<(), LabError
         ip(ns, &["netns", "del", ns])?;
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         progress(&format!("{ns}: removed"));
+    }
+    Ok(())
+}
+
+/// Stops each host's switch (by the pid it recorded, SIGTERM, then SIGKILL
+/// after 5 s), then deletes the VMs', hosts' and underlay namespaces.
+fn down_hosts(
+    cfg: &Config,
+    opts: &LabOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<(), LabError> {
+    for h in opts.selected(cfg) {
+        let ns = h.name.as_str();
+        if let Some(pid) = switch_pid(opts, ns) {
+            let pid_t = rustix::process::Pid::from_raw(pid);
+            if let Some(p) = pid_t {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if switch_pid(opts, ns).is_some() {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
+            }
+            progress(&format!("{ns}: vswitchd (pid {pid}) stopped"));
+        }
+        let _ = std::fs::remove_file(opts.pid_file(ns));
+        let _ = std::fs::remove_file(opts.socket(ns));
+    }
+    for p in &cfg.ports {
+        let ours = p
+            .host
+            .as_ref()
+            .is_some_and(|h| opts.hosts.as_ref().is_none_or(|s| s.contains(h)));
+        if ours && ns_exists(&p.name) {
+            ip(&p.name, &["netns", "del", &p.name])?;
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&p.name));
+            progress(&format!("{}: removed", p.name));
+        }
+    }
+    for h in opts.selected(cfg) {
+        if ns_exists(&h.name) {
+            ip(&h.name, &["netns", "del", &h.name])?;
+            progress(&format!("{}: removed", h.name));
+        }
+    }
+    // The underlay goes when the whole lab goes.
+    if let (None, Some(ul)) = (&opts.hosts, underlay_namespace(cfg)) {
+        if ns_exists(&ul) {
+            ip(&ul, &["netns", "del", &ul])?;
+            progress(&format!("{ul}: removed"));
+        }
     }
     Ok(())
 }

@@ -24,3 +24,4 @@ pub mod lab;
 pub mod pipeline;
 pub mod table;
 pub mod tap;
+pub mod underlay;

@@ -112,6 +112,14 @@ impl std::fmt::Display for Vni {
     }
 }
 
+/// The 8-byte VXLAN header for `vni`: I flag set, reserved bits zero
+/// (RFC 7348 section 5). For an underlay sent through a UDP socket, where
+/// the kernel adds the outer IP and UDP headers.
+pub const fn header(vni: Vni) -> [u8; VXLAN_HLEN] {
+    let v = vni.to_bytes();
+    [FLAG_I, 0, 0, 0, v[0], v[1], v[2], 0]
+}
+
 /// Underlay address family, for MTU arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
@@ -152,6 +160,10 @@ mod tests {
         assert_eq!(OUTER_V4_LEN, 50);
         assert_eq!(OUTER_V6_LEN, 70);
         assert_eq!(Family::V4.ip_overhead(), 36);
+        assert_eq!(header(v), [0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0]);
+        let mut pkt = header(v).to_vec();
+        pkt.extend_from_slice(&[0u8; 14]);
+        assert_eq!(decap::parse_header(&pkt), Ok(v));
     }
 }
 

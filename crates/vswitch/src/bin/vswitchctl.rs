@@ -146,10 +146,6 @@ fn render_show(d: &Value) -> String {
         "TX BYTES", "DROPS",
     ]);
     for p in d["ports"].as_array().into_iter().flatten() {
-        let drops: Vec<String> = p["drops"]
-            .as_object()
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
-            .unwrap_or_default();
         t.row(vec![
             s(&p["name"]),
             s(&p["tenant"]),
@@ -162,15 +158,56 @@ fn render_show(d: &Value) -> String {
             s(&p["rx_bytes"]),
             s(&p["tx_packets"]),
             s(&p["tx_bytes"]),
-            if drops.is_empty() {
-                "0".into()
-            } else {
-                drops.join(" ")
-            },
+            drops_text(&p["drops"]),
         ]);
     }
     out.push_str(&t.render());
+    let ul = &d["underlay"];
+    if ul.is_object() {
+        out.push_str(&format!(
+            "\nunderlay: host {} at {}:{}, MTU {} (overlay {}), ttl {}, {} source ports; from non-peers {}, receive errors {}\n",
+            s(&ul["host"]), s(&ul["address"]), s(&ul["port"]), s(&ul["mtu"]), s(&ul["overlay_mtu"]),
+            s(&ul["ttl"]), ul["src_ports"].as_array().map_or(0, Vec::len),
+            s(&ul["rx_not_peer"]), s(&ul["rx_errors"]),
+        ));
+        let mut t = Table::new(&[
+            "PEER", "VTEP", "NETWORKS", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES", "DROPS",
+        ]);
+        for p in ul["peers"].as_array().into_iter().flatten() {
+            let nets: Vec<String> = p["networks"]
+                .as_array()
+                .map(|v| v.iter().map(s).collect())
+                .unwrap_or_default();
+            t.row(vec![
+                s(&p["name"]),
+                s(&p["address"]),
+                if nets.is_empty() {
+                    "-".into()
+                } else {
+                    nets.join(",")
+                },
+                s(&p["rx_packets"]),
+                s(&p["rx_bytes"]),
+                s(&p["tx_packets"]),
+                s(&p["tx_bytes"]),
+                drops_text(&p["drops"]),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
     out
+}
+
+fn drops_text(d: &Value) -> String {
+    let drops: Vec<String> = d
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    if drops.is_empty() {
+        "0".into()
+    } else {
+        drops.join(" ")
+    }
 }
 
 fn render_fdb(d: &Value) -> String {
@@ -183,11 +220,12 @@ fn render_fdb(d: &Value) -> String {
             s(&st["learned"]), s(&st["moved"]), s(&st["aged"]), s(&st["evicted"]),
             s(&st["hijack_refused"]), s(&st["table_full"]),
         ));
-        let mut t = Table::new(&["  MAC", "PORT", "KIND", "AGE"]);
+        let mut t = Table::new(&["  MAC", "PORT", "VTEP", "KIND", "AGE"]);
         for e in n["entries"].as_array().into_iter().flatten() {
             t.row(vec![
                 format!("  {}", s(&e["mac"])),
                 s(&e["port"]),
+                s(&e["vtep"]),
                 s(&e["kind"]),
                 format!("{}s", s(&e["age_secs"])),
             ]);

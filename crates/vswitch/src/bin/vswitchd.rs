@@ -28,6 +28,9 @@ struct Args {
     /// Data-plane threads (overrides [switch].workers; 0 = half the cores, at least 1).
     #[arg(long)]
     workers: Option<usize>,
+    /// Which of the config's `[[host]]`s this switch is (multi-host configs).
+    #[arg(long)]
+    host: Option<String>,
     /// Validate the config file and exit.
     #[arg(long)]
     check: bool,
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&args.config).and_then(|c| c.for_host(args.host.as_deref())) {
         Ok(c) => c,
         Err(e) => {
             for line in e.to_string().lines() {
@@ -54,11 +57,19 @@ fn main() -> ExitCode {
     };
     if args.check {
         println!(
-            "{}: ok ({} tenants, {} networks, {} ports)",
+            "{}: ok ({} tenants, {} networks, {} ports{})",
             args.config.display(),
             config.tenants.len(),
             config.networks.len(),
-            config.ports.len()
+            config.ports.len(),
+            match &config.local_host {
+                Some(h) => format!(
+                    ", {} on host {h} of {}",
+                    config.local_ports().count(),
+                    config.hosts.len()
+                ),
+                None => String::new(),
+            }
         );
         return ExitCode::SUCCESS;
     }

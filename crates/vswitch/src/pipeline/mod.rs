@@ -12,6 +12,7 @@
 pub mod arp;
 pub mod bridge;
 pub mod dns_local;
+pub mod overlay;
 pub mod port_security;
 
 use std::collections::HashMap;
@@ -113,11 +114,23 @@ pub enum DropReason {
     EgressError,
     /// Egress needs segmentation or checksum work that failed in software.
     OffloadFailed,
+    /// Underlay: not a valid VXLAN header (no I flag, too short).
+    UnderlayBadVxlan,
+    /// Underlay: a VNI no local network uses.
+    UnderlayUnknownVni,
+    /// Underlay: the peer does not host the VNI's network.
+    UnderlayNotMember,
+    /// Underlay: a frame from one peer whose destination is another peer
+    /// (the switch never relays between peers: split horizon).
+    UnderlayNoTransit,
+    /// Too big for the overlay MTU once encapsulated (the sender got ICMP
+    /// "fragmentation needed" / "packet too big" when one applies).
+    OverlayMtuExceeded,
 }
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 24;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -140,6 +153,11 @@ impl DropReason {
         DropReason::EgressBusy,
         DropReason::EgressError,
         DropReason::OffloadFailed,
+        DropReason::UnderlayBadVxlan,
+        DropReason::UnderlayUnknownVni,
+        DropReason::UnderlayNotMember,
+        DropReason::UnderlayNoTransit,
+        DropReason::OverlayMtuExceeded,
     ];
 
     /// Stable snake_case name (counters, JSON, logs).
@@ -164,6 +182,11 @@ impl DropReason {
             DropReason::EgressBusy => "egress_busy",
             DropReason::EgressError => "egress_error",
             DropReason::OffloadFailed => "offload_failed",
+            DropReason::UnderlayBadVxlan => "underlay_bad_vxlan",
+            DropReason::UnderlayUnknownVni => "underlay_unknown_vni",
+            DropReason::UnderlayNotMember => "underlay_not_member",
+            DropReason::UnderlayNoTransit => "underlay_no_transit",
+            DropReason::OverlayMtuExceeded => "overlay_mtu_exceeded",
         }
     }
 

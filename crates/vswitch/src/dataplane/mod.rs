@@ -32,6 +32,9 @@ use crate::pipeline::{
     arp, dns_local, port_security, Addresses, Bridge, DropReason, Ingress, Verdict,
 };
 use crate::tap::Tap;
+use crate::underlay::{is_vtep, PeerRt, Underlay, VTEP_BASE};
+
+mod overlay;
 
 /// Most frames read from one port per wake-up.
 pub const RX_BATCH: usize = 64;
@@ -39,6 +42,8 @@ pub const RX_BATCH: usize = 64;
 const MAX_EVENTS: usize = 64;
 /// epoll user data of the stop eventfd.
 const WAKE_TOKEN: u64 = u64::MAX;
+/// epoll user data of the worker's underlay socket.
+const UNDERLAY_TOKEN: u64 = u64::MAX - 1;
 
 /// Per-port counters, shared by all workers (relaxed atomics: they are
 /// statistics, not synchronisation). They survive reloads.
@@ -130,6 +135,11 @@ pub struct NetworkRt {
     pub gateway: Option<(std::net::Ipv4Addr, MacAddr)>,
     /// The tenant's DNS zone (answered at the gateway address).
     pub zone: Arc<ArcSwap<dns::Zone>>,
+    /// Peers hosting this network (VTEP pseudo-port ids): head-end
+    /// replication targets, and who may send its VNI.
+    pub vteps: Vec<PortId>,
+    /// The VNI, as the VXLAN header carries it.
+    pub vni: vxlan::Vni,
 }
 
 /// Everything the data path reads, swapped whole on reload.
@@ -141,6 +151,14 @@ pub struct Snapshot {
     pub networks: Vec<NetworkRt>,
     /// The config this was built from.
     pub config: Arc<Config>,
+    /// The underlay, when the config spans hosts.
+    pub underlay: Option<Arc<Underlay>>,
+    /// Peers by `id - VTEP_BASE`.
+    pub peers: Vec<Option<Arc<PeerRt>>>,
+    /// Peers by underlay address.
+    pub peer_by_ip: std::collections::HashMap<std::net::Ipv4Addr, PortId>,
+    /// Networks by VNI.
+    pub by_vni: std::collections::HashMap<u32, usize>,
 }
 
 impl Snapshot {
@@ -148,6 +166,23 @@ impl Snapshot {
     #[inline]
     pub fn port(&self, id: PortId) -> Option<&Arc<PortRt>> {
         self.ports.get(id as usize).and_then(|p| p.as_ref())
+    }
+
+    /// The peer with pseudo-port `id`, if it exists.
+    #[inline]
+    pub fn peer(&self, id: PortId) -> Option<&Arc<PeerRt>> {
+        let i = id.checked_sub(VTEP_BASE)?;
+        self.peers.get(i as usize).and_then(|p| p.as_ref())
+    }
+
+    /// How `vswitchctl` names a port or peer id.
+    pub fn location_name(&self, id: PortId) -> Option<String> {
+        if is_vtep(id) {
+            self.peer(id)
+                .map(|p| format!("vtep {} ({})", p.name, p.addr.ip()))
+        } else {
+            self.port(id).map(|p| p.name.clone())
+        }
     }
 
     /// Live ports.
@@ -280,6 +315,21 @@ impl Workers {
         Ok(())
     }
 
+    /// Polls the underlay: worker `i` reads its own `SO_REUSEPORT` socket.
+    pub fn register_underlay(&self, ul: &Underlay) -> io::Result<()> {
+        for (i, ep) in self.epolls.iter().enumerate() {
+            if let Some(sock) = ul.rx_socket(i) {
+                epoll::add(
+                    &**ep,
+                    sock.as_fd(),
+                    epoll::EventData::new_u64(UNDERLAY_TOKEN),
+                    epoll::EventFlags::IN,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// Stops polling port `id`'s tap (before it leaves the snapshot).
     pub fn unregister(&self, id: PortId, tap: &TapHandle) {
         // ENOENT: a worker already removed it after a fatal read error.
@@ -296,10 +346,24 @@ impl Workers {
     }
 }
 
+/// Per-worker buffers, allocated once.
+struct Scratch {
+    /// The frame being processed.
+    buf: PacketBuf,
+    /// The switch's own replies (ICMP errors).
+    aux: PacketBuf,
+    /// Underlay I/O (send trains, receive slots, GRO).
+    overlay: overlay::OverlayScratch,
+}
+
 fn worker_loop(idx: usize, ep: &OwnedFd, shared: &ArcSwap<Snapshot>, stop: &AtomicBool) {
     tracing::debug!(worker = idx, "worker started");
     let mut events: Vec<epoll::Event> = Vec::with_capacity(MAX_EVENTS);
-    let mut buf = PacketBuf::new();
+    let mut sc = Scratch {
+        buf: PacketBuf::new(),
+        aux: PacketBuf::new(),
+        overlay: overlay::OverlayScratch::default(),
+    };
     while !stop.load(Ordering::Relaxed) {
         events.clear();
         match epoll::wait(ep, rustix::buffer::spare_capacity(&mut events), None) {
@@ -320,28 +384,34 @@ fn worker_loop(idx: usize, ep: &OwnedFd, shared: &ArcSwap<Snapshot>, stop: &Atom
             if token == WAKE_TOKEN {
                 continue;
             }
+            if token == UNDERLAY_TOKEN {
+                if let Some(ul) = &snap.underlay {
+                    overlay::poll_underlay(idx, &snap, ul, &mut sc, now);
+                }
+                continue;
+            }
             let Ok(id) = PortId::try_from(token) else {
                 continue;
             };
             // A port removed by a reload since the event was queued.
             let Some(port) = snap.port(id) else { continue };
-            poll_port(ep, &snap, port, &mut buf, now);
+            poll_port(ep, &snap, port, &mut sc, now);
         }
     }
     tracing::debug!(worker = idx, "worker stopped");
 }
 
 /// Reads up to [`RX_BATCH`] frames from `port` and runs each to completion.
-fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, buf: &mut PacketBuf, now: Timestamp) {
+fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, sc: &mut Scratch, now: Timestamp) {
     for _ in 0..RX_BATCH {
-        match port.tap.tap.recv(buf) {
+        match port.tap.tap.recv(&mut sc.buf) {
             Ok(Ok(())) => {
                 port.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
                 port.counters
                     .rx_bytes
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                let verdict = snap.process(port, buf, now);
-                deliver(snap, port, buf, verdict);
+                    .fetch_add(sc.buf.len() as u64, Ordering::Relaxed);
+                let verdict = snap.process(port, &mut sc.buf, now);
+                deliver(snap, port, sc, verdict);
             }
             Ok(Err(_bad_hdr)) => {
                 port.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
@@ -363,24 +433,33 @@ fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, buf: &mut PacketBuf, 
     }
 }
 
-fn deliver(snap: &Snapshot, ingress: &PortRt, buf: &PacketBuf, verdict: Verdict) {
+/// Carries out `verdict` for a frame from local port `ingress`.
+fn deliver(snap: &Snapshot, ingress: &PortRt, sc: &mut Scratch, verdict: Verdict) {
     match verdict {
+        Verdict::Forward(id) if is_vtep(id) => {
+            overlay::forward_to_peer(snap, ingress, id, sc);
+        }
         Verdict::Forward(id) => match snap.port(id) {
-            Some(egress) => transmit(egress, buf),
+            Some(egress) => transmit(egress, &sc.buf),
             None => ingress.counters.count_drop(DropReason::EgressError),
         },
         Verdict::Flood => {
-            if let Some(net) = snap.networks.get(ingress.net) {
-                for &id in &net.ports {
-                    if id != ingress.id {
-                        if let Some(egress) = snap.port(id) {
-                            transmit(egress, buf);
-                        }
+            let Some(net) = snap.networks.get(ingress.net) else {
+                return;
+            };
+            for &id in &net.ports {
+                if id != ingress.id {
+                    if let Some(egress) = snap.port(id) {
+                        transmit(egress, &sc.buf);
                     }
                 }
             }
+            // Head-end replication to the peers hosting the network.
+            for &id in &net.vteps {
+                overlay::flood_to_peer(snap, net, id, sc);
+            }
         }
-        Verdict::Reply => transmit(ingress, buf),
+        Verdict::Reply => transmit(ingress, &sc.buf),
         Verdict::Consumed => {}
         Verdict::Drop(r) => ingress.counters.count_drop(r),
     }
@@ -388,7 +467,13 @@ fn deliver(snap: &Snapshot, ingress: &PortRt, buf: &PacketBuf, verdict: Verdict)
 
 /// Writes `buf` to `egress`, counting success or the drop on the egress port.
 #[inline]
-fn transmit(egress: &PortRt, buf: &PacketBuf) {
+pub(crate) fn transmit(egress: &PortRt, buf: &PacketBuf) {
+    transmit_with(egress, &buf.offload, buf.frame());
+}
+
+/// [`transmit`] of `frame` with offload metadata `offload`.
+#[inline]
+pub(crate) fn transmit_with(egress: &PortRt, offload: &Offload, frame: &[u8]) {
     if egress.tap.detached.load(Ordering::Relaxed) {
         egress.counters.count_drop(DropReason::EgressDetached);
         return;
@@ -397,13 +482,13 @@ fn transmit(egress: &PortRt, buf: &PacketBuf) {
     // super-frames and partial checksums pass through untouched here;
     // egress kinds with fewer capabilities (VXLAN without UDP GSO) fall
     // back to `packet::gso` in their own transmit path.
-    match egress.tap.tap.send(&buf.offload, buf.frame()) {
+    match egress.tap.tap.send(offload, frame) {
         Ok(()) => {
             egress.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
             egress
                 .counters
                 .tx_bytes
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
         Err(e) => egress.counters.count_drop(match e.raw_os_error() {
             Some(libc::EIO) => DropReason::EgressDown,

@@ -1,0 +1,412 @@
+//! The data path's VXLAN side: sending frames to peers (encapsulation,
+//! MTU, segmentation into a UDP GSO train) and receiving from them
+//! (peer and VNI checks, decapsulation, the same pipeline checks as a
+//! port, delivery to local ports only).
+
+use std::io::{self, IoSliceMut};
+use std::sync::atomic::Ordering;
+
+use packet::{FlowKey, GsoType, Offload, PacketBuf};
+use quinn_udp::RecvMeta;
+use vxlan::{IcmpAction, MtuDecision, VXLAN_HLEN};
+
+use super::{transmit, transmit_with, NetworkRt, PortRt, Scratch, Snapshot};
+use crate::clock::Timestamp;
+use crate::fdb::PortId;
+use crate::pipeline::{overlay::check_remote, DropReason, Ingress, Verdict};
+use crate::underlay::{is_vtep, PeerRt, Underlay, RX_SLOT};
+
+/// Largest UDP payload one send may carry (IPv4 total length 65535), a
+/// UDP GSO train included.
+const MAX_UDP_PAYLOAD: usize = 65_535 - 20 - 8;
+
+/// Receive batches per wake-up: bounded like a port's [`super::RX_BATCH`].
+const RX_ROUNDS: usize = 4;
+
+/// Underlay buffers of one worker.
+pub(super) struct OverlayScratch {
+    /// A VXLAN GSO train being built.
+    tx: Vec<u8>,
+    /// Segment lengths of the train.
+    seg_lens: Vec<usize>,
+    /// Receive slots.
+    slots: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    /// TCP coalescing of decapsulated frames.
+    gro: packet::gro::Gro,
+}
+
+impl Default for OverlayScratch {
+    fn default() -> Self {
+        OverlayScratch {
+            tx: Vec::with_capacity(128 * 1024),
+            seg_lens: Vec::with_capacity(128),
+            slots: Vec::new(),
+            meta: Vec::new(),
+            gro: packet::gro::Gro::new(8),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Runs the pipeline for a frame decapsulated from `peer` into network
+    /// `net`: the checks of [`check_remote`], then the bridge (learning the
+    /// inner source MAC on the peer, never over a directory entry).
+    pub fn process_remote(
+        &self,
+        peer: &PeerRt,
+        net: &NetworkRt,
+        buf: &PacketBuf,
+        now: Timestamp,
+    ) -> Verdict {
+        let Ok(key) = FlowKey::parse(buf.frame()) else {
+            return Verdict::Drop(DropReason::RuntFrame);
+        };
+        let ing = Ingress {
+            id: peer.id,
+            mac: packet::MacAddr::ZERO,
+            port_security: false,
+        };
+        if let Err(r) = check_remote(&ing, &key, &net.addrs) {
+            return Verdict::Drop(r);
+        }
+        match net.bridge.decide(&ing, buf.frame(), now) {
+            Verdict::Forward(id) if is_vtep(id) => Verdict::Drop(DropReason::UnderlayNoTransit),
+            v => v,
+        }
+    }
+}
+
+/// Sends the frame in `sc.buf` from `ingress` to peer `id`; a frame too big
+/// for the overlay gets its ICMP error back to the sender.
+pub(super) fn forward_to_peer(snap: &Snapshot, ingress: &PortRt, id: PortId, sc: &mut Scratch) {
+    let (Some(ul), Some(peer), Some(net)) = (
+        &snap.underlay,
+        snap.peer(id),
+        snap.networks.get(ingress.net),
+    ) else {
+        ingress.counters.count_drop(DropReason::EgressError);
+        return;
+    };
+    let Ok(key) = FlowKey::parse(sc.buf.frame()) else {
+        ingress.counters.count_drop(DropReason::RuntFrame);
+        return;
+    };
+    if let MtuDecision::TooBig { mtu, icmp } =
+        vxlan::check_mtu(snap.config.underlay.mtu, vxlan::Family::V4, &sc.buf, &key)
+    {
+        ingress.counters.count_drop(DropReason::OverlayMtuExceeded);
+        if let Some((gw_ip, gw_mac)) = net.gateway {
+            let built = match icmp {
+                IcmpAction::FragNeeded => {
+                    vxlan::frag_needed(sc.buf.frame(), &key, mtu, gw_mac, gw_ip, &mut sc.aux)
+                        .is_ok()
+                }
+                IcmpAction::PacketTooBig => {
+                    // From the gateway MAC's link-local address (EUI-64).
+                    let m = gw_mac.0;
+                    let src = std::net::Ipv6Addr::from([
+                        0xfe,
+                        0x80,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        m[0] ^ 2,
+                        m[1],
+                        m[2],
+                        0xff,
+                        0xfe,
+                        m[3],
+                        m[4],
+                        m[5],
+                    ]);
+                    vxlan::packet_too_big(
+                        sc.buf.frame(),
+                        &key,
+                        u32::from(mtu),
+                        gw_mac,
+                        src,
+                        &mut sc.aux,
+                    )
+                    .is_ok()
+                }
+                IcmpAction::Drop => false,
+            };
+            if built {
+                sc.aux.offload = Offload::NONE;
+                transmit(ingress, &sc.aux);
+            }
+        }
+        return;
+    }
+    if let Err(r) = send(ul, peer, net.vni, &key, &mut sc.buf, &mut sc.overlay) {
+        peer.counters.count_drop(r);
+    }
+}
+
+/// Head-end replication: a copy of the flooded frame in `sc.buf` to peer
+/// `id`. A copy that does not fit the overlay is dropped (no ICMP for
+/// floods).
+pub(super) fn flood_to_peer(snap: &Snapshot, net: &NetworkRt, id: PortId, sc: &mut Scratch) {
+    let (Some(ul), Some(peer)) = (&snap.underlay, snap.peer(id)) else {
+        return;
+    };
+    let Ok(key) = FlowKey::parse(sc.buf.frame()) else {
+        return;
+    };
+    if vxlan::check_mtu(snap.config.underlay.mtu, vxlan::Family::V4, &sc.buf, &key)
+        != MtuDecision::Fits
+    {
+        peer.counters.count_drop(DropReason::OverlayMtuExceeded);
+        return;
+    }
+    if let Err(r) = send(ul, peer, net.vni, &key, &mut sc.buf, &mut sc.overlay) {
+        peer.counters.count_drop(r);
+    }
+}
+
+fn send_error(e: &io::Error) -> DropReason {
+    match e.kind() {
+        io::ErrorKind::WouldBlock => DropReason::EgressBusy,
+        _ => DropReason::EgressError,
+    }
+}
+
+/// Encapsulates `buf` (VXLAN header; the kernel adds UDP and IPv4) and
+/// sends it to `peer`. A super-frame is segmented to its MSS and sent as
+/// one UDP GSO train (one `sendmsg`); a partial checksum is completed.
+/// `buf` is left as it was (a flood sends it on).
+fn send(
+    ul: &Underlay,
+    peer: &PeerRt,
+    vni: vxlan::Vni,
+    key: &FlowKey,
+    buf: &mut PacketBuf,
+    sc: &mut OverlayScratch,
+) -> Result<(), DropReason> {
+    let hash = vxlan::flow_hash(key, ul.hash_seed);
+    let header = vxlan::header(vni);
+    if buf.offload.gso == GsoType::None {
+        if buf.offload.csum.is_some() {
+            packet::gso::complete_checksum(buf).map_err(|_| DropReason::OffloadFailed)?;
+        }
+        let Some(h) = buf.push_front(VXLAN_HLEN) else {
+            return Err(DropReason::EgressError);
+        };
+        h.copy_from_slice(&header);
+        let r = ul.send(hash, peer.addr, buf.frame(), None);
+        let len = buf.len();
+        buf.pull_front(VXLAN_HLEN);
+        r.map_err(|e| send_error(&e))?;
+        peer.counters.tx_packets.fetch_add(1, Ordering::Relaxed);
+        peer.counters
+            .tx_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        return Ok(());
+    }
+    sc.tx.clear();
+    sc.seg_lens.clear();
+    let (tx, lens) = (&mut sc.tx, &mut sc.seg_lens);
+    packet::gso::segment(buf, |seg| {
+        tx.extend_from_slice(&header);
+        tx.extend_from_slice(seg);
+        lens.push(VXLAN_HLEN + seg.len());
+    })
+    .map_err(|_| DropReason::OffloadFailed)?;
+    send_train(ul, peer, hash, &sc.tx, &sc.seg_lens)
+}
+
+/// Sends datagrams laid end to end in `data` (lengths `lens`): runs of
+/// equal-sized datagrams (the last of a run may be shorter) go as one UDP
+/// GSO `sendmsg` each, at most `Underlay::max_segments` per call.
+fn send_train(
+    ul: &Underlay,
+    peer: &PeerRt,
+    hash: u32,
+    data: &[u8],
+    lens: &[usize],
+) -> Result<(), DropReason> {
+    let max = ul.max_segments().max(1);
+    let (mut i, mut off) = (0, 0);
+    let mut result = Ok(());
+    while i < lens.len() {
+        let size = lens[i];
+        let mut j = i + 1;
+        let mut end = off + size;
+        // Extend the run: equal sizes, then at most one shorter tail.
+        while j < lens.len() && j - i < max && lens[j] <= size && end + lens[j] <= MAX_UDP_PAYLOAD {
+            end += lens[j];
+            j += 1;
+            if lens[j - 1] < size {
+                break;
+            }
+        }
+        let Some(chunk) = data.get(off..end) else {
+            return Err(DropReason::EgressError);
+        };
+        let seg = (j - i > 1).then_some(size);
+        match ul.send(hash, peer.addr, chunk, seg) {
+            Ok(()) => {
+                peer.counters
+                    .tx_packets
+                    .fetch_add((j - i) as u64, Ordering::Relaxed);
+                peer.counters
+                    .tx_bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => result = Err(send_error(&e)),
+        }
+        i = j;
+        off = end;
+    }
+    result
+}
+
+/// Reads VXLAN from worker `idx`'s underlay socket and runs every inner
+/// frame to completion. Bounded: [`RX_ROUNDS`] `recvmmsg` calls.
+pub(super) fn poll_underlay(
+    idx: usize,
+    snap: &Snapshot,
+    ul: &Underlay,
+    sc: &mut Scratch,
+    now: Timestamp,
+) {
+    let o = &mut sc.overlay;
+    if o.slots.is_empty() {
+        o.slots = (0..Underlay::BATCH).map(|_| vec![0u8; RX_SLOT]).collect();
+        o.meta = vec![RecvMeta::default(); Underlay::BATCH];
+    }
+    for _ in 0..RX_ROUNDS {
+        let n = {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                o.slots.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+            match ul.recv(idx, &mut slices, &mut o.meta) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    ul.counters.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        };
+        for (slot, meta) in o.slots.iter().zip(&o.meta).take(n) {
+            let data = slot.get(..meta.len).unwrap_or_default();
+            let stride = meta.stride.max(1);
+            let src = match meta.addr {
+                std::net::SocketAddr::V4(a) => *a.ip(),
+                std::net::SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                    Some(v4) => v4,
+                    None => std::net::Ipv4Addr::UNSPECIFIED,
+                },
+            };
+            let Some(peer) = snap.peer_by_ip.get(&src).and_then(|&id| snap.peer(id)) else {
+                let count = data.len().div_ceil(stride).max(1);
+                ul.counters
+                    .rx_not_peer
+                    .fetch_add(count as u64, Ordering::Relaxed);
+                continue;
+            };
+            let mut current: Option<usize> = None;
+            for dgram in data.chunks(stride) {
+                peer.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
+                peer.counters
+                    .rx_bytes
+                    .fetch_add(dgram.len() as u64, Ordering::Relaxed);
+                let net_idx = match classify(snap, peer, dgram) {
+                    Ok(i) => i,
+                    Err(r) => {
+                        peer.counters.count_drop(r);
+                        continue;
+                    }
+                };
+                // GRO only ever holds frames of one (peer, network): flush
+                // when the network changes, so overlapping tenants' flows
+                // can never merge.
+                if current.is_some_and(|c| c != net_idx) {
+                    flush_gro(snap, peer, current, &mut o.gro, now);
+                }
+                current = Some(net_idx);
+                let Some(net) = snap.networks.get(net_idx) else {
+                    continue;
+                };
+                let inner = dgram.get(VXLAN_HLEN..).unwrap_or_default();
+                o.gro.push(inner, &mut |b: &PacketBuf| {
+                    let v = snap.process_remote(peer, net, b, now);
+                    deliver_remote(snap, net, peer, b, v);
+                });
+            }
+            flush_gro(snap, peer, current, &mut o.gro, now);
+        }
+    }
+}
+
+fn flush_gro(
+    snap: &Snapshot,
+    peer: &PeerRt,
+    net_idx: Option<usize>,
+    gro: &mut packet::gro::Gro,
+    now: Timestamp,
+) {
+    let Some(net) = net_idx.and_then(|i| snap.networks.get(i)) else {
+        return;
+    };
+    gro.flush(&mut |b: &PacketBuf| {
+        let v = snap.process_remote(peer, net, b, now);
+        deliver_remote(snap, net, peer, b, v);
+    });
+}
+
+/// The network a VXLAN datagram from `peer` belongs to, or why it is
+/// dropped: bad header, unknown VNI, or a peer that does not host it.
+fn classify(snap: &Snapshot, peer: &PeerRt, dgram: &[u8]) -> Result<usize, DropReason> {
+    let vni = vxlan::decap::parse_header(dgram).map_err(|_| DropReason::UnderlayBadVxlan)?;
+    let &idx = snap
+        .by_vni
+        .get(&vni.get())
+        .ok_or(DropReason::UnderlayUnknownVni)?;
+    let net = snap
+        .networks
+        .get(idx)
+        .ok_or(DropReason::UnderlayUnknownVni)?;
+    if !net.vteps.contains(&peer.id) {
+        return Err(DropReason::UnderlayNotMember);
+    }
+    Ok(idx)
+}
+
+/// Carries out `verdict` for a frame from a peer: local ports only.
+fn deliver_remote(
+    snap: &Snapshot,
+    net: &NetworkRt,
+    peer: &PeerRt,
+    buf: &PacketBuf,
+    verdict: Verdict,
+) {
+    // A Linux peer over veths leaves TCP/UDP checksums partial (only a
+    // real NIC completes them) and a UDP socket cannot say so: let the tap
+    // complete such a checksum rather than hand the VM a frame it drops.
+    let mut offload = buf.offload;
+    if let Some(c) = packet::gso::partial_checksum(buf) {
+        offload.csum = Some(c);
+    }
+    match verdict {
+        Verdict::Forward(id) => match snap.port(id) {
+            Some(egress) => transmit_with(egress, &offload, buf.frame()),
+            None => peer.counters.count_drop(DropReason::EgressError),
+        },
+        Verdict::Flood => {
+            for &id in &net.ports {
+                if let Some(egress) = snap.port(id) {
+                    transmit_with(egress, &offload, buf.frame());
+                }
+            }
+        }
+        // The remote pipeline makes no replies and consumes nothing.
+        Verdict::Reply | Verdict::Consumed => {}
+        Verdict::Drop(r) => peer.counters.count_drop(r),
+    }
+}
