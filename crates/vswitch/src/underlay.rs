@@ -250,7 +250,4 @@ impl Underlay {
         };
         s.state.recv((&s.sock).into(), slots, meta)
     }
-
-    /// Datagrams per `recv` call.
-    pub const BATCH: usize = quinn_udp::BATCH_SIZE;
 }
