@@ -387,7 +387,8 @@ fn leases_survive_sigkill_and_a_torn_log() {
     bytes.extend_from_slice(&[0xff, 0xd5, 0x4c, 0x52, 200, 0, 0, 0, 1, 2]);
     std::fs::write(&log, &bytes).expect("write torn log");
 
-    // The same VM NICs (taps) are gone with the switch: bring it all back.
+    // The VM NICs (persistent taps) outlive the switch; the new one
+    // re-attaches them and `vslab up` finds the lab in place.
     let sw = Switch::start_named(&dir, &path, "vswitchd-restarted");
     let mut lab = lab;
     lab.up_again(&[c1.clone(), c2.clone()]);

@@ -241,7 +241,7 @@ impl Daemon {
                 old.cfg.tap == p.tap && !old.tap.detached.load(Ordering::Relaxed)
             });
             if !reusable {
-                let tap = Tap::open(&p.tap).map_err(|source| ApplyError::Tap {
+                let tap = open_port_tap(p).map_err(|source| ApplyError::Tap {
                     port: p.name.clone(),
                     tap: p.tap.clone(),
                     hint: match source.raw_os_error() {
@@ -338,10 +338,12 @@ impl Daemon {
         report.removed_ports = removed.clone();
         report.removed_ports.sort();
 
-        // 3. Stop polling what goes away or gets a new tap.
+        // 3. Stop polling what goes away or gets a new tap; those taps go
+        //    when their last handle drops.
         for name in removed.iter().chain(opened.keys()) {
             if let Some(old) = st.ports.get(name) {
                 workers.unregister(old.id, &old.tap);
+                release_tap(&old.tap);
             }
         }
 
@@ -522,7 +524,8 @@ impl Daemon {
         }
     }
 
-    /// Stops the workers and closes every tap (non-persistent taps vanish).
+    /// Stops the workers and removes every tap (a clean stop; a crash
+    /// leaves them for the next run to re-attach).
     pub fn shutdown(&self) {
         if let Some(w) = self.workers.lock().take() {
             w.stop();
@@ -531,6 +534,9 @@ impl Daemon {
         let mut st = self.state.lock();
         self.shared
             .store(Arc::new(empty_snapshot(st.config.clone())));
+        for ps in st.ports.values() {
+            release_tap(&ps.tap);
+        }
         st.ports.clear();
         st.bridges.clear();
     }
@@ -698,6 +704,38 @@ fn drop_map(get: impl Fn(DropReason) -> u64) -> (BTreeMap<&'static str, u64>, u6
         }
     }
     (drops, total)
+}
+
+/// The tap of port `p`: a persistent tap left by a previous run is
+/// re-attached, whether it is still in this namespace under its name or in
+/// the lab namespace named after the port (where `vslab` moved it and
+/// renamed it `eth0`; found by the port's MAC); otherwise a new one. Either
+/// way it is made persistent, so a crash of the switch leaves the VM's NIC
+/// in place for the next run.
+fn open_port_tap(p: &Port) -> std::io::Result<Tap> {
+    let here = std::path::Path::new("/sys/class/net").join(&p.tap).exists();
+    let lab_ns = std::path::Path::new("/run/netns").join(&p.name);
+    let tap = match (here, lab_ns.exists()) {
+        (false, true) => match Tap::attach_in_netns(&lab_ns, p.mac.0) {
+            Ok(Some(t)) => {
+                tracing::info!(port = %p.name, netns = %lab_ns.display(), dev = t.name(),
+                    "re-attached the port's persistent tap");
+                t
+            }
+            _ => Tap::open(&p.tap)?,
+        },
+        _ => Tap::open(&p.tap)?,
+    };
+    if let Err(e) = tap.set_persist(true) {
+        tracing::warn!(port = %p.name, error = %e, "tap not persistent; a crash removes it");
+    }
+    Ok(tap)
+}
+
+/// Lets a tap vanish when its fd closes (the port left the config, or the
+/// switch stops cleanly).
+fn release_tap(tap: &TapHandle) {
+    let _ = tap.tap.set_persist(false);
 }
 
 /// Workers when the config says 0: half the cores, at least one. The VMs'

@@ -25,6 +25,8 @@ const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNGETFEATURES: libc::c_ulong = 0x8004_54cf;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// The tun character device answers this socket ioctl for its netdev.
+const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -44,6 +46,16 @@ struct IfReq {
     name: [u8; libc::IFNAMSIZ],
     flags: libc::c_short,
     _pad: [u8; 22],
+}
+
+/// `struct ifreq` as SIOCGIFHWADDR writes it: the name, then a
+/// `struct sockaddr` (family, 14 data bytes; the MAC is the first 6).
+#[repr(C)]
+struct IfReqHwAddr {
+    name: [u8; libc::IFNAMSIZ],
+    family: u16,
+    data: [u8; 14],
+    _pad: [u8; 8],
 }
 
 /// An open tap device.
@@ -138,6 +150,72 @@ impl Tap {
     }
 
     /// Makes the device outlive this process (or not).
+    /// The MAC address of the tap's netdev (the VM side's address when the
+    /// netdev plays the VM, as in `vslab`).
+    pub fn hw_addr(&self) -> io::Result<[u8; 6]> {
+        let mut req = IfReqHwAddr {
+            name: [0; libc::IFNAMSIZ],
+            family: 0,
+            data: [0; 14],
+            _pad: [0; 8],
+        };
+        // SAFETY: SIOCGIFHWADDR on a tun fd fills a `struct ifreq` (40
+        // bytes; `IfReqHwAddr` has that layout) that lives for the call.
+        let rc = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                SIOCGIFHWADDR,
+                &mut req as *mut IfReqHwAddr,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&req.data[..6]);
+        Ok(mac)
+    }
+
+    /// Attaches to a tap that already exists in the network namespace bound
+    /// at `netns` (e.g. `/run/netns/vm1`, where `vslab` moved it) and has
+    /// MAC `mac`; `None` if there is none. Never creates a device. The
+    /// namespace switch happens on a short-lived thread; the tap's fd works
+    /// from any namespace afterwards.
+    pub fn attach_in_netns(netns: &std::path::Path, mac: [u8; 6]) -> io::Result<Option<Tap>> {
+        let ns = std::fs::File::open(netns)?;
+        std::thread::scope(|s| {
+            s.spawn(|| -> io::Result<Option<Tap>> {
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                // This thread's view of its namespace's interfaces.
+                let dev = std::fs::read_to_string("/proc/thread-self/net/dev")?;
+                for line in dev.lines().skip(2) {
+                    let Some(name) = line.split(':').next().map(str::trim) else {
+                        continue;
+                    };
+                    if name.is_empty() || name == "lo" {
+                        continue;
+                    }
+                    // The device exists, so TUNSETIFF attaches (or fails for
+                    // a non-tap or a busy tap); it cannot create one.
+                    if let Ok(t) = Tap::open(name) {
+                        if t.hw_addr().is_ok_and(|m| m == mac) {
+                            return Ok(Some(t));
+                        }
+                    }
+                }
+                Ok(None)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+        })
+    }
+
+    /// Keeps the device after the last fd closes (`TUNSETPERSIST`): the
+    /// VM's NIC survives a switch crash and the restarted switch
+    /// re-attaches.
     pub fn set_persist(&self, persist: bool) -> io::Result<()> {
         // SAFETY: TUNSETPERSIST takes its argument by value.
         let rc = unsafe {
