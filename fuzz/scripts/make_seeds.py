@@ -111,6 +111,50 @@ DNS_Q = dns_query("vm1.acme.internal")
 DNS_FRAME = eth(GW, A, 0x0800, ipv4(IP_A, IP_GW, 17, udp(IP_A, IP_GW, 33333, 53, DNS_Q)))
 
 
+# VXLAN (RFC 7348) over IPv4, as crates/vxlan encapsulates: outer Ethernet
+# host -> next hop, IPv4 with DF, UDP to 4789 with checksum 0, VXLAN header
+# with the I flag. `ihl_words` > 5 adds IPv4 options (NOPs), `pad` bytes
+# after the UDP datagram (Ethernet padding / trailer) are not in it.
+HOST_A = bytes([0x52, 0x54, 0, 0, 0, 0x0A])
+NEXT_HOP = bytes([0x52, 0x54, 0, 0, 0, 0x0B])
+VTEP_A, VTEP_B = bytes([198, 19, 0, 1]), bytes([198, 19, 0, 2])
+
+
+def vxlan(inner, vni, sport=50000, ihl_words=5, pad=0, ident=0):
+    vx = struct.pack("!B3xI", 0x08, vni << 8)
+    dgram = struct.pack("!HHHH", sport, 4789, 8 + len(vx) + len(inner), 0) + vx + inner
+    opts = b"\x01" * (4 * (ihl_words - 5))
+    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl_words, 0, 4 * ihl_words + len(dgram), ident, 0x4000, 64, 17, 0,
+                    VTEP_A, VTEP_B) + opts
+    h = h[:10] + struct.pack("!H", csum(h)) + h[12:]
+    return eth(NEXT_HOP, HOST_A, 0x0800, h + dgram) + b"\0" * pad
+
+
+def with_partial_csum(frame, l4, field, v6=False):
+    """A frame as a VM's kernel hands it with NEEDS_CSUM: the L4 checksum
+    field holds the pseudo-header sum only."""
+    ip = frame[14:]
+    if v6:
+        l4_len = struct.unpack("!H", ip[4:6])[0]
+        pseudo = ip[8:24] + ip[24:40] + struct.pack("!IxxxB", l4_len, ip[6])
+    else:
+        l4_len = struct.unpack("!H", ip[2:4])[0] - (ip[0] & 15) * 4
+        pseudo = ip[12:16] + ip[16:20] + struct.pack("!xBH", ip[9], l4_len)
+    partial = (~csum(pseudo)) & 0xFFFF
+    at = l4 + field
+    return frame[:at] + struct.pack("!H", partial) + frame[at + 2:]
+
+
+def vnet_hdr(gso=0, gso_size=0, csum_start=None, csum_off=0, hdr_len=0, ecn=False):
+    flags = 0 if csum_start is None else 1
+    return struct.pack("<BBHHHHH", flags, gso | (0x80 if ecn else 0), hdr_len, gso_size,
+                       csum_start or 0, csum_off, 0)
+
+
+def encap_input(vh, vni, mtu, flags, frame):
+    return vh + struct.pack("!I", vni)[1:] + struct.pack("<H", mtu) + bytes([flags]) + frame
+
+
 def lease_record(op, last, ip, key=None, host=None):
     body = {"op": op, "net": "net1", "key": key or "mac:02:00:00:00:00:%02x" % last,
             "mac": "02:00:00:00:00:%02x" % last, "ip": "10.0.0.%d" % ip, "exp": 1700000000 + ip}
@@ -178,6 +222,34 @@ SEEDS = {
         "bound_released": lease_record("bound", 1, 10) + lease_record("released", 1, 10) + lease_record("bound", 3, 12, key="id:0102"),
         "torn_tail": lease_record("bound", 1, 10) + lease_record("bound", 2, 11)[:20],
         "garbage_between": lease_record("bound", 1, 10) + b"junk" + lease_record("expired", 1, 10),
+    },
+    "vxlan_decap": {
+        "icmp4": vxlan(ICMP4, 0x123456),
+        "tcp4": vxlan(TCP4, 1, ident=7),
+        "tcp4_vlan_max_vni": vxlan(TCP4_VLAN, 0xFFFFFF, sport=65535),
+        "arp_options_padding": vxlan(ARP_REQ + bytes(18), 42, ihl_words=6, pad=6),
+        "tcp6": vxlan(TCP6_BIG[:200], 5000),
+    },
+    "vxlan_encap": {
+        # plain TCP, MTU 1500, checksum complete
+        "tcp4": encap_input(vnet_hdr(), 100, 1500, 0, TCP4),
+        # plain TCP, NEEDS_CSUM, kept partial (flags bit 0)
+        "tcp4_csum_partial": encap_input(vnet_hdr(csum_start=34, csum_off=16, hdr_len=54), 100, 1500, 1,
+                                         with_partial_csum(TCP4, 34, 16)),
+        # TSO4 super-frame, gso_size 1448 > 1500 - 36 - 54: MSS clamped to 1410
+        "tso4": encap_input(vnet_hdr(1, 1448, 34, 16, 54), 7, 1500, 0, with_partial_csum(TCP4_BIG, 34, 16)),
+        # TSO6 over a jumbo underlay
+        "tso6_jumbo": encap_input(vnet_hdr(4, 1440, 54, 16, 74, ecn=True), 0xABCDEF, 9000, 0x10,
+                                  with_partial_csum(TCP6_BIG, 54, 16, v6=True)),
+        # USO4, 1200-byte segments fit 1500
+        "uso4": encap_input(vnet_hdr(5, 1200, 34, 6, 42), 1, 1500, 0, with_partial_csum(UDP4_BIG, 34, 6)),
+        # plain 2.5 KB UDP over MTU 1500: too big, ICMP fragmentation needed
+        "udp4_too_big": encap_input(vnet_hdr(), 9, 1500, 0, UDP4_BIG),
+        # plain IPv6 TCP over MTU 1280: too big, ICMPv6 packet too big
+        "tcp6_too_big": encap_input(vnet_hdr(), 9, 1280, 0, TCP6_BIG),
+        # VLAN-tagged frame, ARP
+        "tcp4_vlan": encap_input(vnet_hdr(), 0xFFFFFF, 1500, 0x20, TCP4_VLAN),
+        "arp": encap_input(vnet_hdr(), 3, 1500, 0, ARP_REQ),
     },
     "dns_answer": {
         "a_vm1": b"\x00" + DNS_Q,

@@ -1,5 +1,6 @@
 //! Bad config files: refused at start-up (exit 2) and on reload (kept running).
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -245,4 +246,150 @@ fn reload_bad_config_keeps_running() {
     );
     // restore the good file so `vslab down` can read it
     cfg.write(&path);
+}
+
+/// What a corpus file's leading comment says about it.
+#[derive(Debug, Default)]
+struct Header {
+    /// `# expect: TEXT`: substrings stderr must contain.
+    expect: Vec<String>,
+    /// `# host: NAME`: run with `--host NAME`.
+    host: Option<String>,
+    /// `# why: TEXT` lines, joined.
+    why: String,
+}
+
+/// Parses the comment lines a corpus file starts with.
+fn corpus_header(text: &str) -> Header {
+    let mut h = Header::default();
+    for line in text.lines() {
+        let Some(c) = line.strip_prefix('#') else {
+            break;
+        };
+        let c = c.trim();
+        if let Some(e) = c.strip_prefix("expect:") {
+            h.expect.push(e.trim().to_string());
+        } else if let Some(n) = c.strip_prefix("host:") {
+            h.host = Some(n.trim().to_string());
+        } else if let Some(w) = c.strip_prefix("why:") {
+            h.why.push_str(w.trim());
+            h.why.push(' ');
+        }
+    }
+    h
+}
+
+fn corpus_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `NN-short-name.toml`: two digits, a dash, lower-case words.
+fn corpus_name_ok(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let Some(stem) = name.strip_suffix(".toml") else {
+        return false;
+    };
+    let b = stem.as_bytes();
+    b.len() > 3
+        && b[0].is_ascii_digit()
+        && b[1].is_ascii_digit()
+        && b[2] == b'-'
+        && b[3..]
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+/// Every file in `tests/bad-configs/` is refused by `vswitchd --check` with
+/// exit status 2 and `error: ` lines that name the file and contain each of
+/// the file's `# expect:` substrings (the item and the fix). Only `--check`,
+/// so no namespaces are needed.
+#[test]
+fn every_bad_config_in_the_corpus_is_refused_with_file_item_and_fix() {
+    let dir = workspace_root().join("tests").join("bad-configs");
+    let files = corpus_files(&dir);
+    assert!(
+        files.len() >= 40,
+        "expected at least 40 bad configs in {}, found {}",
+        dir.display(),
+        files.len()
+    );
+    let b = bins();
+    let mut failures = Vec::new();
+    let mut numbers = std::collections::HashSet::new();
+    for path in &files {
+        let path_s = path.to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text =
+            std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path_s}: {e}"));
+        let h = corpus_header(&text);
+        let mut problems = Vec::new();
+        if !corpus_name_ok(path) {
+            problems.push("file name is not NN-short-name.toml".to_string());
+        } else if !numbers.insert(name[..2].to_string()) {
+            problems.push(format!("number {} is used twice", &name[..2]));
+        }
+        if h.expect.is_empty() {
+            problems.push("no `# expect:` line".into());
+        }
+        if h.why.trim().is_empty() {
+            problems.push("no `# why:` line".into());
+        }
+
+        let mut cmd = Command::new(&b.vswitchd);
+        cmd.arg("--config").arg(path).arg("--check");
+        if let Some(host) = &h.host {
+            cmd.arg("--host").arg(host);
+        }
+        let out = run_timeout(&mut cmd, Duration::from_secs(10));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.code() != Some(2) {
+            problems.push(format!("{} (want exit status 2)", out.status));
+        }
+        if stderr.trim().is_empty() {
+            problems.push("stderr is empty".into());
+        }
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            if !line.starts_with("error: ") {
+                problems.push(format!(
+                    "stderr line does not start with `error: `: {line:?}"
+                ));
+            }
+        }
+        if !stderr.contains(&path_s) {
+            problems.push(format!("stderr does not name the file {path_s}"));
+        }
+        for e in &h.expect {
+            if !stderr.contains(e.as_str()) {
+                problems.push(format!("stderr does not contain {e:?}"));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{name} ({}):\n  - {}\n  {}",
+                h.why.trim(),
+                problems.join("\n  - "),
+                fmt_output(&out).replace('\n', "\n  ")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad configs in {} were not refused as their header says:\n\n{}",
+        failures.len(),
+        files.len(),
+        dir.display(),
+        failures.join("\n\n")
+    );
 }

@@ -88,7 +88,11 @@ name = "{p}ten"
 
     // The NICs are still there, the same devices (same ifindex) with the
     // VMs' addresses.
-    assert_eq!((ifindex(&v1), ifindex(&v2)), before, "a VM's NIC was replaced");
+    assert_eq!(
+        (ifindex(&v1), ifindex(&v2)),
+        before,
+        "a VM's NIC was replaced"
+    );
     assert_eq!(addr(&v2), ip2);
 
     let t0 = Instant::now();
@@ -104,7 +108,11 @@ name = "{p}ten"
         took <= Duration::from_secs(2),
         "VMs reachable again only after {took:?} (wanted within 2 s)"
     );
-    assert_eq!((ifindex(&v1), ifindex(&v2)), before, "the restart replaced a NIC");
+    assert_eq!(
+        (ifindex(&v1), ifindex(&v2)),
+        before,
+        "the restart replaced a NIC"
+    );
     assert!(
         sw.log().contains("re-attached the port's persistent tap"),
         "{}",
@@ -125,7 +133,9 @@ name = "{p}ten"
     let mut sw = sw;
     sw.terminate(Duration::from_secs(10));
     assert!(
-        !lab.exec(&v1, &["ip", "link", "show", "eth0"]).status.success(),
+        !lab.exec(&v1, &["ip", "link", "show", "eth0"])
+            .status
+            .success(),
         "SIGTERM left v1's NIC behind"
     );
 }

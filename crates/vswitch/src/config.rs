@@ -483,7 +483,7 @@ impl Config {
 
 /// toml's message as `line L, column C: what; fix`.
 fn syntax_message(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().replace('\n', " ");
+    let mut msg = e.message().trim().replace('\n', " ");
     let at = e
         .span()
         .map(|sp| {
@@ -493,14 +493,49 @@ fn syntax_message(text: &str, e: &toml::de::Error) -> String {
             format!("line {line}, column {col}: ")
         })
         .unwrap_or_default();
-    let hint = if msg.contains("unknown field") {
-        "; remove the key or fix its spelling (see docs/config.md)"
+    let mut hint = String::new();
+    if msg.contains("unknown field") {
+        hint.push_str("; remove the key or fix its spelling (see docs/config.md)");
     } else if msg.contains("missing field") {
-        "; add it (see docs/config.md)"
-    } else {
-        ""
-    };
+        hint.push_str("; add it (see docs/config.md)");
+    } else if msg.starts_with("invalid type") || msg.starts_with("invalid value") {
+        // serde names Rust types; say what to write instead.
+        for (rust, toml) in [
+            ("expected i64", "expected an integer"),
+            ("expected u8", "expected an integer 0..=255"),
+            ("expected u16", "expected an integer 0..=65535"),
+            ("expected u32", "expected an integer 0..=4294967295"),
+            ("expected usize", "expected an integer >= 0"),
+            ("expected u64", "expected an integer >= 0"),
+            ("expected a sequence", "expected a list [...]"),
+            ("expected a map", "expected a table"),
+        ] {
+            if let Some(rest) = msg.strip_suffix(rust) {
+                msg = format!("{rest}{toml}");
+            }
+        }
+        match e.span().and_then(|sp| key_at(text, sp.start)) {
+            Some(key) => {
+                msg = format!("{key}: {msg}");
+                hint = format!("; give {key} a value of that type (see docs/config.md)");
+            }
+            None => hint.push_str("; give the key a value of that type (see docs/config.md)"),
+        }
+    }
     format!("{at}{msg}{hint}")
+}
+
+/// The key of the `key = value` line whose value holds byte `offset`.
+fn key_at(text: &str, offset: usize) -> Option<&str> {
+    let before = text.get(..offset)?;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let (key, _) = text[start..offset].split_once('=')?;
+    let key = key.trim();
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"'));
+    plain.then_some(key)
 }
 
 #[derive(Default)]
@@ -553,6 +588,29 @@ impl Validator {
                 }
             }
             let tenant_nets = &networks[first_net..];
+            // A tenant has one DNS zone (docs/config.md, DNS): its networks'
+            // [dhcp] domains must agree, or clients of all but one would be
+            // told a domain the zone does not answer for.
+            let mut domain: Option<(&str, &str)> = None;
+            for n in tenant_nets {
+                let Some(d) = n.dhcp.as_ref().and_then(|d| d.domain.as_deref()) else {
+                    continue;
+                };
+                match domain {
+                    None => domain = Some((d, &n.name)),
+                    Some((first, net))
+                        if !first
+                            .trim_end_matches('.')
+                            .eq_ignore_ascii_case(d.trim_end_matches('.')) =>
+                    {
+                        self.problem(
+                            format!("tenant {:?}, network {:?}, [dhcp]", t.name, n.name),
+                            format!("domain {d:?} differs from domain {first:?} of network {net:?}; a tenant has one DNS zone, so give every network of the tenant the same domain (or leave it out)"),
+                        );
+                    }
+                    Some(_) => {}
+                }
+            }
 
             let mut macs: HashSet<(String, MacAddr)> = HashSet::new();
             let mut ips: HashSet<(String, IpAddr)> = HashSet::new();
@@ -646,10 +704,16 @@ impl Validator {
                 if hosts.iter().any(|x| x.name == p.name) {
                     self.problem(&pitem, "a host has the same name (ports and hosts name lab namespaces); rename one");
                 }
+                // vslab's underlay namespace (lab::underlay_namespace).
+                if let Some(first) = hosts.first() {
+                    if p.name == format!("ul-{}", first.name) {
+                        self.problem(&pitem, format!("the lab's underlay namespace is also named {:?} (\"ul-\" + the first host's name); rename the port", p.name));
+                    }
+                }
                 let tap = p.tap.clone().unwrap_or_else(|| format!("vs-{}", p.name));
                 if let Err(why) = check_ifname(&tap) {
                     if p.tap.is_some() {
-                        self.problem(&pitem, format!("tap {tap:?} {why}"));
+                        self.problem(&pitem, format!("tap {tap:?} {why}; set tap to a Linux interface name of 1-15 bytes without '/', ':' or white space"));
                     } else {
                         self.problem(&pitem, format!("the default tap name {tap:?} {why}; set tap = \"...\" to a name of at most 15 bytes"));
                     }
@@ -824,7 +888,7 @@ impl Validator {
         let item = format!("{item}, [dhcp]");
         if let IpNet::V4(c) = net.cidr {
             if c.prefix_len() > 30 {
-                self.problem(&item, format!("cidr {c} leaves no addresses to hand out; DHCP needs a /30 or larger network"));
+                self.problem(&item, format!("cidr {c} leaves no addresses to hand out; DHCP needs a /30 or larger network; widen cidr or remove [dhcp]"));
                 return None;
             }
         }
@@ -837,7 +901,10 @@ impl Validator {
             match s.trim().parse() {
                 Ok(a) => Some(a),
                 Err(_) => {
-                    this.problem(&item, format!("{what} {s:?} is not an IPv4 address"));
+                    this.problem(
+                        &item,
+                        format!("{what} {s:?} is not an IPv4 address; write it like \"10.0.1.1\""),
+                    );
                     None
                 }
             }
@@ -878,8 +945,12 @@ impl Validator {
                 (Ok(dest), Some(via)) if dest.trunc() == dest && cidr.contains(&via) => {
                     routes.push((dest, via))
                 }
+                (Ok(dest), Some(via)) if dest.trunc() != dest => {
+                    self.problem(&item, format!("route {dest} via {via}: the destination must be a network address; did you mean {}?", dest.trunc()));
+                    ok = false;
+                }
                 (Ok(dest), Some(via)) => {
-                    self.problem(&item, format!("route {dest} via {via}: the destination must be a network address and via must be inside {cidr}"));
+                    self.problem(&item, format!("route {dest} via {via}: via must be inside {cidr} (the next hop is on this network); pick a next hop inside it"));
                     ok = false;
                 }
                 (Err(_), _) => {
@@ -1307,6 +1378,60 @@ name = "acme"
     }
 
     #[test]
+    fn type_errors_name_the_key_and_the_type() {
+        let e = err(&GOOD.replace("vni = 1001", "vni = \"1001\""));
+        assert!(
+            e.contains("t.toml: line 9, column 9: vni: invalid type: string \"1001\", expected an integer; give vni a value of that type"),
+            "{e}"
+        );
+        let e = err(&DHCP.replace("lease_secs = 600", "lease_secs = -1"));
+        assert!(
+            e.contains(
+                "lease_secs: invalid value: integer `-1`, expected an integer 0..=4294967295"
+            ),
+            "{e}"
+        );
+        let e = err(&DHCP.replace(
+            "pool = [\"10.0.1.100-10.0.1.199\"]",
+            "pool = \"10.0.1.100-10.0.1.199\"",
+        ));
+        assert!(e.contains("pool: invalid type: string \"10.0.1.100-10.0.1.199\", expected a list [...]; give pool a value"), "{e}");
+    }
+
+    #[test]
+    fn dhcp_routes_and_addresses_say_what_is_wrong() {
+        let e = err(&DHCP.replace("192.168.0.0/16", "192.168.1.0/16"));
+        assert!(
+            e.contains("route 192.168.1.0/16 via 10.0.1.1: the destination must be a network address; did you mean 192.168.0.0/16?"),
+            "{e}"
+        );
+        let e = err(&DHCP.replace("dns = [\"10.0.1.1\"]", "dns = [\"ns1\"]"));
+        assert!(
+            e.contains("[dhcp]: dns \"ns1\" is not an IPv4 address; write it like \"10.0.1.1\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_tenants_networks_share_one_domain() {
+        let two = format!(
+            "{DHCP}  [[tenant.network]]\n  name = \"db\"\n  vni = 1002\n  cidr = \"10.0.2.0/24\"\n  \
+             gateway = \"10.0.2.1\"\n  [tenant.network.dhcp]\n  domain = \"DB.internal\"\n"
+        );
+        let e = err(&two);
+        assert!(e.contains("tenant \"acme\", network \"db\", [dhcp]: domain \"DB.internal\" differs from domain \"acme.internal\" of network \"web\"; a tenant has one DNS zone"), "{e}");
+        // The same domain (any case, trailing dot) or none is fine.
+        parse(&two.replace("DB.internal", "ACME.internal.")).unwrap();
+        parse(&two.replace("  domain = \"DB.internal\"\n", "")).unwrap();
+        // Other tenants have their own zone.
+        let other = format!(
+            "{DHCP}[[tenant]]\nname = \"globex\"\n  [[tenant.network]]\n  name = \"db\"\n  vni = 2002\n  \
+             cidr = \"10.0.2.0/24\"\n  gateway = \"10.0.2.1\"\n  [tenant.network.dhcp]\n  domain = \"globex.internal\"\n"
+        );
+        parse(&other).unwrap();
+    }
+
+    #[test]
     fn derived_mac_is_stable_and_distinct() {
         assert_eq!(derived_mac("a", "vm1"), derived_mac("a", "vm1"));
         assert_ne!(derived_mac("a", "vm1"), derived_mac("b", "vm1"));
@@ -1434,6 +1559,12 @@ name = "acme"
             .replace("name = \"b\"", "name = \"vm1\"")
             .replace("host = \"b\"", "host = \"vm1\""));
         assert!(e.contains("a host has the same name"), "{e}");
+        let e = err(&HOSTS.replace("name = \"vm3\"", "name = \"ul-a\""));
+        assert!(
+            e.contains("port \"ul-a\": the lab's underlay namespace is also named \"ul-a\""),
+            "{e}"
+        );
+        parse(&HOSTS.replace("name = \"vm3\"", "name = \"ul-b\"")).unwrap();
         let e = err(&HOSTS.replace(
             "[tenant.network.dhcp]",
             "[tenant.network.dhcp]\n  mtu = 1551",

@@ -25,6 +25,7 @@ use crate::dataplane::{NetworkRt, PortCounters, PortRt, Snapshot, TapHandle, Wor
 use crate::dhcp_service::{DhcpQueue, DhcpService};
 use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
+use crate::pipeline::router::{Leg, Neighbours, Router};
 use crate::pipeline::{Addresses, Bridge, DropReason, IpOwner, Leased};
 use crate::tap::Tap;
 use crate::underlay::{PeerCounters, PeerRt, Underlay, VTEP_BASE};
@@ -104,6 +105,8 @@ struct State {
     peer_counters: HashMap<String, Arc<PeerCounters>>,
     /// Directory MACs of remote ports installed in the bridges.
     remote_statics: HashSet<(NetKey, MacAddr, PortId)>,
+    /// The router's ARP answers per network, kept across reloads.
+    neighbours: HashMap<NetKey, Arc<Neighbours>>,
 }
 
 /// The running switch.
@@ -185,6 +188,7 @@ impl Daemon {
                 peer_ids: HashMap::new(),
                 peer_counters: HashMap::new(),
                 remote_statics: HashSet::new(),
+                neighbours: HashMap::new(),
             }),
             started: Instant::now(),
             underlay,
@@ -477,13 +481,25 @@ impl Daemon {
                 },
             );
         }
+        let neighbours: HashMap<NetKey, Arc<Neighbours>> = new
+            .networks
+            .iter()
+            .map(|n| {
+                let k = n.key();
+                let v = st.neighbours.get(&k).cloned().unwrap_or_default();
+                (k, v)
+            })
+            .collect();
         let mut snap = build_snapshot(
             &new,
             &directory,
             &ports,
             &bridges,
-            &leased,
-            &zones,
+            &Kept {
+                leased: &leased,
+                zones: &zones,
+                neighbours: &neighbours,
+            },
             &self.dhcp.queue(),
         );
         add_peers(&mut snap, &new, self.underlay.clone(), &peer_rts);
@@ -505,6 +521,7 @@ impl Daemon {
         st.peer_ids = peer_ids;
         st.peer_counters = peer_counters;
         st.remote_statics = remote_statics;
+        st.neighbours = neighbours;
         st.config = new;
         report.added_ports.sort();
         report.changed_ports.sort();
@@ -767,6 +784,14 @@ fn add_peers(
         snap.peers[(p.id - VTEP_BASE) as usize] = Some(p.clone());
         snap.peer_by_ip.insert(*p.addr.ip(), p.id);
     }
+    // Hosts with a port in some routed network, per tenant.
+    let mut routed_hosts: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for n in cfg.networks.iter().filter(|n| n.gateway.is_some()) {
+        routed_hosts
+            .entry(n.tenant.as_str())
+            .or_default()
+            .extend(cfg.hosts_of(n));
+    }
     for (i, n) in snap.networks.iter_mut().enumerate() {
         snap.by_vni.insert(n.cfg.vni, i);
         let hosts = cfg.hosts_of(&n.cfg);
@@ -775,8 +800,24 @@ fn add_peers(
             .filter(|p| hosts.contains(&p.name.as_str()))
             .map(|p| p.id)
             .collect();
+        let routers = routed_hosts.get(n.cfg.tenant.as_str());
+        n.accept_from = peers
+            .iter()
+            .filter(|p| {
+                hosts.contains(&p.name.as_str())
+                    || (n.router.is_some() && routers.is_some_and(|r| r.contains(p.name.as_str())))
+            })
+            .map(|p| p.id)
+            .collect();
     }
     snap.underlay = Some(ul);
+}
+
+/// State that outlives a snapshot, by network or tenant.
+struct Kept<'a> {
+    leased: &'a HashMap<NetKey, Arc<ArcSwap<Leased>>>,
+    zones: &'a HashMap<String, Arc<ArcSwap<dns::Zone>>>,
+    neighbours: &'a HashMap<NetKey, Arc<Neighbours>>,
 }
 
 fn build_snapshot(
@@ -784,10 +825,14 @@ fn build_snapshot(
     directory: &dyn Directory,
     ports: &HashMap<String, PortState>,
     bridges: &HashMap<NetKey, Arc<Bridge>>,
-    leased: &HashMap<NetKey, Arc<ArcSwap<Leased>>>,
-    zones: &HashMap<String, Arc<ArcSwap<dns::Zone>>>,
+    kept: &Kept<'_>,
     dhcp: &DhcpQueue,
 ) -> Snapshot {
+    let Kept {
+        leased,
+        zones,
+        neighbours,
+    } = kept;
     let max_id = ports.values().map(|p| p.id as usize + 1).max().unwrap_or(0);
     let mut by_id: Vec<Option<Arc<PortRt>>> = vec![None; max_id];
     let mut networks = Vec::with_capacity(cfg.networks.len());
@@ -852,8 +897,32 @@ fn build_snapshot(
             },
             zone: zones.get(&n.tenant).cloned().unwrap_or_default(),
             vteps: Vec::new(),
+            accept_from: Vec::new(),
             vni: vxlan::Vni::new(n.vni).unwrap_or(vxlan::Vni::from_bytes([0, 0, 0])),
+            router: None,
+            neighbours: neighbours.get(&key).cloned().unwrap_or_default(),
         });
+    }
+    // One router per tenant over its networks with an IPv4 gateway.
+    let mut legs: HashMap<&str, Vec<Leg>> = HashMap::new();
+    for (i, n) in networks.iter().enumerate() {
+        if let (ipnet::IpNet::V4(cidr), Some((gw_ip, gw_mac))) = (n.cfg.cidr, n.gateway) {
+            legs.entry(n.cfg.tenant.as_str()).or_default().push(Leg {
+                net: i,
+                cidr,
+                gw_ip,
+                gw_mac,
+            });
+        }
+    }
+    let routers: HashMap<String, Arc<Router>> = legs
+        .into_iter()
+        .map(|(t, l)| (t.to_string(), Arc::new(Router::new(l))))
+        .collect();
+    for n in &mut networks {
+        if n.gateway.is_some() {
+            n.router = routers.get(&n.cfg.tenant).cloned();
+        }
     }
     Snapshot {
         ports: by_id,

@@ -372,6 +372,17 @@ fn up_port(cfg: &Config, p: &Port, host: Option<&str>, wait: Duration) -> Result
                 let mtu = mtu.to_string();
                 ip(ns, &["-n", ns, "link", "set", "dev", "eth0", "mtu", &mtu])?;
             }
+            // And the way to the tenant's other networks.
+            if let Some(gw) = net.gateway {
+                ip(ns, &["-n", ns, "link", "set", "dev", "eth0", "up"])?;
+                let gw = gw.to_string();
+                ip(
+                    ns,
+                    &[
+                        "-n", ns, "route", "replace", "default", "via", &gw, "dev", "eth0",
+                    ],
+                )?;
+            }
         }
         _ => {}
     }

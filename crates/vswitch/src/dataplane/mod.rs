@@ -28,6 +28,7 @@ use crate::clock::Timestamp;
 use crate::config::{Config, Network};
 use crate::dhcp_service::{DhcpQueue, DhcpRequest, MAX_MESSAGE};
 use crate::fdb::PortId;
+use crate::pipeline::router::{self, Routed};
 use crate::pipeline::{
     arp, dns_local, port_security, Addresses, Bridge, DropReason, Ingress, Verdict,
 };
@@ -138,8 +139,17 @@ pub struct NetworkRt {
     /// Peers hosting this network (VTEP pseudo-port ids): head-end
     /// replication targets, and who may send its VNI.
     pub vteps: Vec<PortId>,
+    /// Peers whose VXLAN for this network is accepted: those hosting it,
+    /// and, for a routed network, those hosting another routed network of
+    /// the tenant (their routers send into this one).
+    pub accept_from: Vec<PortId>,
     /// The VNI, as the VXLAN header carries it.
     pub vni: vxlan::Vni,
+    /// The tenant's router (shared by its networks), when this network has
+    /// an IPv4 gateway.
+    pub router: Option<Arc<router::Router>>,
+    /// What the router learned by ARP in this network; kept across reloads.
+    pub neighbours: Arc<router::Neighbours>,
 }
 
 /// Everything the data path reads, swapped whole on reload.
@@ -224,6 +234,17 @@ impl Snapshot {
                 None => Verdict::Drop(DropReason::L3Malformed),
             };
         }
+        if let Some(leg) = net.router.as_ref().and_then(|r| r.leg_of(ingress.net)) {
+            if let Some((ip, mac)) = router::arp_reply_for_gateway(&key, leg) {
+                net.neighbours.learn(ip, mac, now);
+                // The request may have come from another host's router.
+                return if net.accept_from.is_empty() {
+                    Verdict::Consumed
+                } else {
+                    Verdict::ToPeers
+                };
+            }
+        }
         if arp::respond(&ing, &key, &net.addrs, buf.frame_mut()) {
             buf.offload = Offload::NONE;
             return Verdict::Reply;
@@ -235,10 +256,53 @@ impl Snapshot {
                 dns_local::Outcome::Dropped(r) => return Verdict::Drop(r),
             }
             if key.dst_mac == gw_mac {
-                return Verdict::Drop(DropReason::ToGatewayUnhandled);
+                return self.route(ingress, net, &key, buf, now);
             }
         }
         net.bridge.decide(&ing, buf.frame(), now)
+    }
+}
+
+impl Snapshot {
+    /// The router stage for a frame to `net`'s gateway MAC (see
+    /// [`router`]).
+    fn route(
+        &self,
+        ingress: &PortRt,
+        net: &NetworkRt,
+        key: &FlowKey,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> Verdict {
+        let Some(r) = &net.router else {
+            return Verdict::Drop(DropReason::ToGatewayUnhandled);
+        };
+        let routed = router::route(
+            r,
+            ingress.net,
+            key,
+            buf,
+            now,
+            |i| self.networks.get(i).map(|n| &n.addrs),
+            |i| self.networks.get(i).map(|n| &*n.neighbours),
+        );
+        match routed {
+            Routed::Reply => Verdict::Reply,
+            Routed::Drop(r) => Verdict::Drop(r),
+            Routed::Resolve { net } => {
+                ingress.counters.count_drop(DropReason::RouteArpPending);
+                Verdict::FloodIn { net }
+            }
+            Routed::Forward { net, dst } => {
+                let Some(out) = self.networks.get(net) else {
+                    return Verdict::Drop(DropReason::NoRoute);
+                };
+                match out.bridge.fdb().read().lookup(&dst) {
+                    Some(port) => Verdict::ForwardIn { net, port },
+                    None => Verdict::FloodIn { net },
+                }
+            }
+        }
     }
 }
 
@@ -437,7 +501,37 @@ fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, sc: &mut Scratch, now
 fn deliver(snap: &Snapshot, ingress: &PortRt, sc: &mut Scratch, verdict: Verdict) {
     match verdict {
         Verdict::Forward(id) if is_vtep(id) => {
-            overlay::forward_to_peer(snap, ingress, id, sc);
+            if let Some(net) = snap.networks.get(ingress.net) {
+                overlay::forward_to_peer(snap, ingress, net, id, sc);
+            }
+        }
+        Verdict::ForwardIn { net, port } => match snap.networks.get(net) {
+            Some(out) if is_vtep(port) => overlay::forward_to_peer(snap, ingress, out, port, sc),
+            Some(_) => match snap.port(port) {
+                Some(egress) => transmit(egress, &sc.buf),
+                None => ingress.counters.count_drop(DropReason::EgressError),
+            },
+            None => ingress.counters.count_drop(DropReason::EgressError),
+        },
+        Verdict::ToPeers => {
+            if let Some(net) = snap.networks.get(ingress.net) {
+                for &id in &net.accept_from {
+                    overlay::flood_to_peer(snap, net, id, sc);
+                }
+            }
+        }
+        Verdict::FloodIn { net } => {
+            let Some(out) = snap.networks.get(net) else {
+                return;
+            };
+            for &id in &out.ports {
+                if let Some(egress) = snap.port(id) {
+                    transmit(egress, &sc.buf);
+                }
+            }
+            for &id in &out.vteps {
+                overlay::flood_to_peer(snap, out, id, sc);
+            }
         }
         Verdict::Forward(id) => match snap.port(id) {
             Some(egress) => transmit(egress, &sc.buf),

@@ -60,6 +60,7 @@ impl Snapshot {
     pub fn process_remote(
         &self,
         peer: &PeerRt,
+        net_idx: usize,
         net: &NetworkRt,
         buf: &PacketBuf,
         now: Timestamp,
@@ -72,8 +73,42 @@ impl Snapshot {
             mac: packet::MacAddr::ZERO,
             port_security: false,
         };
+        if let Some((gw_ip, gw_mac)) = net.gateway {
+            // From another host's router (it routed into this network, or
+            // asks who has an address): every host's router uses the same
+            // gateway MAC and address, so they are not learned and not
+            // taken for spoofing. A VM cannot send as the gateway: port
+            // security stops it on its own host.
+            if key.src_mac == gw_mac {
+                let arp_from_gw =
+                    matches!(key.l3, packet::L3::Arp(a) if a.sha == gw_mac && a.spa == gw_ip);
+                if !(arp_from_gw || matches!(key.l3, packet::L3::Ipv4(_))) {
+                    return Verdict::Drop(DropReason::SrcMacHijack);
+                }
+                return match net.bridge.fdb().read().lookup(&key.dst_mac) {
+                    _ if key.dst_mac.is_multicast() => Verdict::Flood,
+                    Some(id) if !is_vtep(id) => Verdict::Forward(id),
+                    Some(_) => Verdict::Drop(DropReason::UnderlayNoTransit),
+                    None => Verdict::Flood,
+                };
+            }
+        }
         if let Err(r) = check_remote(&ing, &key, &net.addrs) {
             return Verdict::Drop(r);
+        }
+        if let Some((_, gw_mac)) = net.gateway {
+            // The answer to an ARP request a router flooded to the peers.
+            if let Some(leg) = net.router.as_ref().and_then(|r| r.leg_of(net_idx)) {
+                if let Some((ip, mac)) = crate::pipeline::router::arp_reply_for_gateway(&key, leg) {
+                    net.neighbours.learn(ip, mac, now);
+                    return Verdict::Consumed;
+                }
+            }
+            // Routing happens where a packet enters; a peer never hands us
+            // a frame to route.
+            if key.dst_mac == gw_mac {
+                return Verdict::Drop(DropReason::ToGatewayUnhandled);
+            }
         }
         match net.bridge.decide(&ing, buf.frame(), now) {
             Verdict::Forward(id) if is_vtep(id) => Verdict::Drop(DropReason::UnderlayNoTransit),
@@ -84,8 +119,14 @@ impl Snapshot {
 
 /// Sends the frame in `sc.buf` from `ingress` to peer `id`; a frame too big
 /// for the overlay gets its ICMP error back to the sender.
-pub(super) fn forward_to_peer(snap: &Snapshot, ingress: &PortRt, id: PortId, sc: &mut Scratch) {
-    let (Some(ul), Some(peer), Some(net)) = (
+pub(super) fn forward_to_peer(
+    snap: &Snapshot,
+    ingress: &PortRt,
+    net: &NetworkRt,
+    id: PortId,
+    sc: &mut Scratch,
+) {
+    let (Some(ul), Some(peer), Some(in_net)) = (
         &snap.underlay,
         snap.peer(id),
         snap.networks.get(ingress.net),
@@ -101,7 +142,8 @@ pub(super) fn forward_to_peer(snap: &Snapshot, ingress: &PortRt, id: PortId, sc:
         vxlan::check_mtu(snap.config.underlay.mtu, vxlan::Family::V4, &sc.buf, &key)
     {
         ingress.counters.count_drop(DropReason::OverlayMtuExceeded);
-        if let Some((gw_ip, gw_mac)) = net.gateway {
+        // The sender hears it from its own network's gateway.
+        if let Some((gw_ip, gw_mac)) = in_net.gateway {
             let built = match icmp {
                 IcmpAction::FragNeeded => {
                     vxlan::frag_needed(sc.buf.frame(), &key, mtu, gw_mac, gw_ip, &mut sc.aux)
@@ -342,7 +384,7 @@ pub(super) fn poll_underlay(
                 };
                 let inner = dgram.get(VXLAN_HLEN..).unwrap_or_default();
                 o.gro.push(inner, &mut |b: &PacketBuf| {
-                    let v = snap.process_remote(peer, net, b, now);
+                    let v = snap.process_remote(peer, net_idx, net, b, now);
                     deliver_remote(snap, net, peer, b, v);
                 });
             }
@@ -358,12 +400,13 @@ fn flush_gro(
     gro: &mut packet::gro::Gro,
     now: Timestamp,
 ) {
-    let Some((peer, net)) = ctx.and_then(|(p, n)| Some((snap.peer(p)?, snap.networks.get(n)?)))
+    let Some((peer, net_idx, net)) =
+        ctx.and_then(|(p, n)| Some((snap.peer(p)?, n, snap.networks.get(n)?)))
     else {
         return;
     };
     gro.flush(&mut |b: &PacketBuf| {
-        let v = snap.process_remote(peer, net, b, now);
+        let v = snap.process_remote(peer, net_idx, net, b, now);
         deliver_remote(snap, net, peer, b, v);
     });
 }
@@ -380,7 +423,7 @@ fn classify(snap: &Snapshot, peer: &PeerRt, dgram: &[u8]) -> Result<usize, DropR
         .networks
         .get(idx)
         .ok_or(DropReason::UnderlayUnknownVni)?;
-    if !net.vteps.contains(&peer.id) {
+    if !net.accept_from.contains(&peer.id) {
         return Err(DropReason::UnderlayNotMember);
     }
     Ok(idx)
@@ -413,8 +456,11 @@ fn deliver_remote(
                 }
             }
         }
-        // The remote pipeline makes no replies and consumes nothing.
+        // The remote pipeline makes no replies and never routes.
         Verdict::Reply | Verdict::Consumed => {}
+        Verdict::ForwardIn { .. } | Verdict::FloodIn { .. } | Verdict::ToPeers => {
+            peer.counters.count_drop(DropReason::ToGatewayUnhandled)
+        }
         Verdict::Drop(r) => peer.counters.count_drop(r),
     }
 }

@@ -14,6 +14,7 @@ pub mod bridge;
 pub mod dns_local;
 pub mod overlay;
 pub mod port_security;
+pub mod router;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -126,11 +127,22 @@ pub enum DropReason {
     /// Too big for the overlay MTU once encapsulated (the sender got ICMP
     /// "fragmentation needed" / "packet too big" when one applies).
     OverlayMtuExceeded,
+    /// Router: no network of the tenant holds the destination (the sender
+    /// got ICMP network unreachable when one applies).
+    NoRoute,
+    /// Router: TTL ran out (the sender got ICMP time exceeded when one
+    /// applies).
+    TtlExceeded,
+    /// Router: the next hop's MAC is unknown; an ARP request went out and
+    /// the packet was dropped.
+    RouteArpPending,
+    /// Router: a packet it does not route (IPv4 options, IPv6 for now).
+    RouteUnsupported,
 }
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 24;
+    pub const COUNT: usize = 28;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -158,6 +170,10 @@ impl DropReason {
         DropReason::UnderlayNotMember,
         DropReason::UnderlayNoTransit,
         DropReason::OverlayMtuExceeded,
+        DropReason::NoRoute,
+        DropReason::TtlExceeded,
+        DropReason::RouteArpPending,
+        DropReason::RouteUnsupported,
     ];
 
     /// Stable snake_case name (counters, JSON, logs).
@@ -187,6 +203,10 @@ impl DropReason {
             DropReason::UnderlayNotMember => "underlay_not_member",
             DropReason::UnderlayNoTransit => "underlay_no_transit",
             DropReason::OverlayMtuExceeded => "overlay_mtu_exceeded",
+            DropReason::NoRoute => "no_route",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::RouteArpPending => "route_arp_pending",
+            DropReason::RouteUnsupported => "route_unsupported",
         }
     }
 
@@ -203,6 +223,24 @@ pub enum Verdict {
     Forward(PortId),
     /// To every other port of the ingress port's network.
     Flood,
+    /// Routed into network `net` (index in the snapshot): to `port` there
+    /// (a local port or a peer's VTEP).
+    ForwardIn {
+        /// Destination network.
+        net: usize,
+        /// Port or VTEP pseudo-port.
+        port: PortId,
+    },
+    /// To the peers hosting the ingress port's network, not to local ports
+    /// (a VM's ARP answer to the gateway, which every host's router may be
+    /// waiting for).
+    ToPeers,
+    /// Routed (or the router's ARP request) into network `net`: to every
+    /// port of it, local and remote.
+    FloodIn {
+        /// Destination network.
+        net: usize,
+    },
     /// The buffer now holds the switch's answer (ARP reply, ...): send it
     /// back out of the ingress port.
     Reply,
