@@ -312,7 +312,7 @@ fn interoperates_with_kernel_vxlan() {
     t += &port_toml(&w1, "web", &l.ha, "02:00:00:00:01:01", Some("10.0.1.11"));
     t += &port_toml(&k2, "web", &l.hb, "02:00:00:00:01:02", Some("10.0.1.12"));
     let path = dir.write("vswitch.toml", &t);
-    let all_ns = [&l.ha, &l.hb, &l.ul, &w1, &k2].map(|s| s.to_string());
+    let all_ns = [&l.ha, &l.hb, &l.ul, &w1, &k2, &n.port("k3")].map(|s| s.to_string());
     // vslab brings up host A only; host B is built here by hand.
     let lab = MultiLab::up(&dir, &path, Some(&[l.ha.as_str()]), &all_ns);
     let hb = &l.hb;
@@ -404,6 +404,37 @@ fn interoperates_with_kernel_vxlan() {
     let (tshark_cap, file) = capture(&dir, hb, "underlay", "ul0");
     lab.assert_ping(&w1, "10.0.1.12", 3);
     lab.assert_ping(&k2, "10.0.1.11", 3);
+    // A VM behind the kernel host that no config knows: vswitchd learns its
+    // MAC on host B's VTEP (a dynamic entry, under the same cap as local
+    // learning) and traffic flows both ways.
+    let k3 = n.port("k3");
+    sh(&["netns", "add", &k3]);
+    sh(&[
+        "-n", hb, "link", "add", "k3", "type", "veth", "peer", "name", "eth0", "netns", &k3,
+    ]);
+    sh(&["-n", hb, "link", "set", "k3", "master", "br0", "up"]);
+    sh(&[
+        "-n",
+        &k3,
+        "link",
+        "set",
+        "eth0",
+        "address",
+        "02:00:00:00:01:33",
+        "mtu",
+        "1450",
+        "up",
+    ]);
+    sh(&["-n", &k3, "addr", "add", "10.0.1.33/24", "dev", "eth0"]);
+    lab.assert_ping(&k3, "10.0.1.11", 3);
+    lab.assert_ping(&w1, "10.0.1.33", 2);
+    let fdb = lab.ctl(&l.ha, &["fdb", "--network", "acme/web"]);
+    let learned = fdb["networks"][0]["entries"]
+        .as_array()
+        .and_then(|v| v.iter().find(|e| e["mac"] == "02:00:00:00:01:33").cloned())
+        .unwrap_or_else(|| panic!("k3's MAC not learned: {fdb:#}"));
+    assert_eq!(learned["kind"], "dynamic", "{learned:#}");
+    assert_eq!(learned["vtep"], UL_B, "{learned:#}");
     // TCP both ways.
     for (server, client, ip) in [(&k2, &w1, "10.0.1.12"), (&w1, &k2, "10.0.1.11")] {
         let mut srv = Bg::spawn_in(
