@@ -31,12 +31,11 @@
 //! family, and for a plain frame agrees with `encap_segments`' `ExceedsMtu`;
 //! a super-frame that `packet::segment` accepts and whose segments
 //! `check_mtu` says fit is encapsulated by `encap_segments` (both functions
-//! document that promise; two known exceptions are an open finding,
-//! tolerated unless `FUZZ_STRICT` is set, see `known_open_refusal`).
+//! document that promise), and a USO `ExceedsMtu` or TCP `MtuTooSmall` comes
+//! only with `check_mtu` saying the segments do not fit.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use packet::checksum::{add, fold, pseudo_header_v4, pseudo_header_v6, sum, verify};
@@ -382,13 +381,16 @@ fuzz_target!(|data: &[u8]| {
             match offload.gso {
                 GsoType::None => assert!(len > room),
                 // UDP segments cannot be cut smaller (also said for a
-                // USO frame that is not UDP at all).
-                GsoType::UdpL4 => {}
+                // USO frame that is not UDP at all), but only when
+                // check_mtu says they do not fit.
+                GsoType::UdpL4 => assert_ne!(d4, MtuDecision::Fits, "USO ExceedsMtu"),
                 other => panic!("ExceedsMtu for {other:?} (mtu {mtu})"),
             }
         }
         Err(EncapError::MtuTooSmall) => {
-            assert!(matches!(offload.gso, GsoType::TcpV4 | GsoType::TcpV6));
+            // Only when the segments need cutting (check_mtu: too big).
+            assert!(!v6 && matches!(offload.gso, GsoType::TcpV4 | GsoType::TcpV6));
+            assert_ne!(d4, MtuDecision::Fits, "MtuTooSmall but check_mtu Fits");
         }
         Err(EncapError::Gso(_)) => assert!(!v6),
         Err(EncapError::InnerTooShort) => assert!(len < 14),
@@ -418,51 +420,13 @@ fuzz_target!(|data: &[u8]| {
                 "check_mtu {d4:?}, encap_segments {r:?}"
             );
         } else if d4 == MtuDecision::Fits && segment(&mb, |_| {}).is_ok() {
-            let known = known_open_refusal(&r, frame, &key, offload, room);
             assert!(
-                r.is_ok() || (known && !strict()),
+                r.is_ok(),
                 "check_mtu says Fits, encap_segments {r:?} (mtu {mtu}, {offload:?})"
             );
         }
     }
 });
-
-/// Set `FUZZ_STRICT` (any value) to also fail on the open finding below.
-fn strict() -> bool {
-    static STRICT: OnceLock<bool> = OnceLock::new();
-    *STRICT.get_or_init(|| std::env::var_os("FUZZ_STRICT").is_some())
-}
-
-/// OPEN FINDING (fuzz/README.md, "Findings"; reproducers in
-/// regressions/vxlan_encap/): `encap_segments` refuses a super-frame whose
-/// segments all fit, in exactly these two cases. Tolerated (unless
-/// `FUZZ_STRICT` is set) so the CI smoke run only fails on new problems;
-/// delete this function once `crates/vxlan` is fixed.
-///
-/// * TCP: `MtuTooSmall` because `room - headers` is below `MIN_CLAMPED_MSS`
-///   (8), even when `gso_size` (or the whole payload) fits in it and no MSS
-///   clamping is needed (`encap.rs`, `max < MIN_CLAMPED_MSS`);
-/// * UDP: `ExceedsMtu` because headers + `gso_size` exceed the room, even
-///   when the frame's only segment is shorter than `gso_size` and fits
-///   (`encap.rs`, `hdr + gso_size > room`).
-fn known_open_refusal(
-    r: &Result<usize, EncapError>,
-    frame: &[u8],
-    key: &FlowKey,
-    o: Offload,
-    room: usize,
-) -> bool {
-    let (hdr, _) = hdr_and_end(frame, key);
-    match (r, o.gso) {
-        (Err(EncapError::MtuTooSmall), GsoType::TcpV4 | GsoType::TcpV6) => {
-            room.saturating_sub(hdr) < 8
-        }
-        (Err(EncapError::ExceedsMtu), GsoType::UdpL4) => {
-            hdr + usize::from(o.gso_size) > room && frame.len() <= room
-        }
-        _ => false,
-    }
-}
 
 fn check_segments(frame: &[u8], key: &FlowKey, o: Offload, room: usize, inners: &[&[u8]]) {
     let (hdr, end) = hdr_and_end(frame, key);

@@ -250,6 +250,22 @@ SEEDS = {
         # VLAN-tagged frame, ARP
         "tcp4_vlan": encap_input(vnet_hdr(), 0xFFFFFF, 1500, 0x20, TCP4_VLAN),
         "arp": encap_input(vnet_hdr(), 3, 1500, 0, ARP_REQ),
+        # Reproducers of a fixed finding (fuzz/README.md, "Findings"):
+        # super-frames whose segments fit although headers + gso_size do
+        # not, or fewer than 8 payload bytes would fit after clamping.
+        # USO4, one 1-byte segment, gso_size 1400, MTU 576
+        "uso_short_segment_exceeds_mtu": bytes.fromhex(
+            "00050000780500000000000000000140020002000000000202000000000108004500001d123440004011149a0a00"
+            "00010a0000021388138900094cc878"),
+        # TSO4, 20 payload bytes, gso_size 4, MTU 94 (segments fill it exactly)
+        "tso_small_mss_mtu_too_small": bytes.fromhex(
+            "0001000004000000000000000000015e000002000000000202000000000108004500003c12344000400614860a00"
+            "00010a00000200010002000003e8000000005018ffff6f9900006162636465666768696a6b6c6d6e6f7071727374"),
+        # what libFuzzer found: VLAN, 28 bytes of TCP options, gso_size 6, MTU 129
+        "tso_vlan_tcp_options_found_by_fuzzer": bytes.fromhex(
+            "0001000006000000000000000000018100006408004500005012000000018100006408004500005012344000400614"
+            "720a0000010a00000200010002000003e800000000c4ee1185000000005018ffff2e4e36000000220010000000000064"
+            "dc052c0200000200802d344000370601000a00008c"),
     },
     "dns_answer": {
         "a_vm1": b"\x00" + DNS_Q,

@@ -140,7 +140,8 @@ pub enum EncapError {
     /// the underlay MTU.
     #[error("frame does not fit the underlay MTU")]
     ExceedsMtu,
-    /// The underlay MTU leaves no room for TCP payload.
+    /// A TCP super-frame's segments do not fit the underlay MTU, and cut to
+    /// fit they would carry fewer than 8 payload bytes each.
     #[error("underlay MTU too small for the inner headers")]
     MtuTooSmall,
 }
@@ -297,12 +298,18 @@ impl Encapsulator {
     /// (the receiving VTEP has no partial-checksum metadata) and no offload
     /// is left on the emitted buffers.
     ///
-    /// Every emitted packet fits `underlay_mtu` (outer IP packet length):
-    /// a TCP super-frame whose segments would not fit is cut at a smaller
-    /// MSS (TCP allows any segment size up to the peer's MSS); a UDP GSO
-    /// frame cannot be (datagram boundaries) and, like a non-GSO frame that
-    /// does not fit, gives [`EncapError::ExceedsMtu`]. A frame without GSO
-    /// is emitted once (checksum completed).
+    /// Every emitted packet fits `underlay_mtu` (outer IP packet length).
+    /// A super-frame whose segments all fit as they are (its longest
+    /// segment, headers + `gso_size` or the whole frame when shorter, fits:
+    /// exactly when [`crate::mtu::check_mtu`] says
+    /// [`MtuDecision::Fits`](crate::MtuDecision::Fits) over IPv4) is cut at
+    /// `gso_size`, whatever its size. Otherwise a TCP super-frame is cut at
+    /// a smaller MSS, as many payload bytes as fit (TCP allows any segment
+    /// size up to the peer's MSS), or refused with
+    /// [`EncapError::MtuTooSmall`] when fewer than 8 would; a UDP GSO frame
+    /// cannot be cut smaller (datagram boundaries) and, like a non-GSO frame
+    /// that does not fit, gives [`EncapError::ExceedsMtu`]. A frame without
+    /// GSO is emitted once (checksum completed).
     ///
     /// `buf` is left as it was. One scratch buffer is allocated per call
     /// (slow path).
@@ -327,22 +334,22 @@ impl Encapsulator {
                 }
                 0
             }
+            GsoType::Ufo => return Err(EncapError::Gso(GsoError::Unsupported(GsoType::Ufo))),
+            // Every segment fits as it is: exactly when `check_mtu` says
+            // `Fits` (same size, `largest_segment`). No clamping then, even
+            // for a `gso_size` or a room below `MIN_CLAMPED_MSS`.
+            _ if largest_segment(buf.frame(), key, saved.gso_size) <= room => {
+                usize::from(saved.gso_size)
+            }
+            GsoType::UdpL4 => return Err(EncapError::ExceedsMtu),
             GsoType::TcpV4 | GsoType::TcpV6 => {
-                let hdr = inner_hdr_len(buf.frame(), key);
-                let max = room.saturating_sub(hdr);
+                // Here headers + gso_size > room, so max < gso_size.
+                let max = room.saturating_sub(inner_hdr_len(buf.frame(), key));
                 if max < MIN_CLAMPED_MSS {
                     return Err(EncapError::MtuTooSmall);
                 }
-                usize::from(saved.gso_size).min(max)
+                max
             }
-            GsoType::UdpL4 => {
-                let hdr = inner_hdr_len(buf.frame(), key);
-                if hdr + usize::from(saved.gso_size) > room {
-                    return Err(EncapError::ExceedsMtu);
-                }
-                usize::from(saved.gso_size)
-            }
-            GsoType::Ufo => return Err(EncapError::Gso(GsoError::Unsupported(GsoType::Ufo))),
         };
         if saved.is_gso() {
             // mss <= saved.gso_size, so it fits in u16.
@@ -421,8 +428,18 @@ fn shift_offload(o: &mut Offload) {
     }
 }
 
+/// The longest inner frame a segment of the super-frame `frame` (flow key
+/// `key`) can be: inner headers ([`inner_hdr_len`]) plus `gso_size`, or the
+/// whole frame when that is shorter (a last or only segment below
+/// `gso_size`); the whole frame when the key has no TCP/UDP header. Both
+/// [`crate::mtu::check_mtu`] and [`Encapsulator::encap_segments`] size a
+/// super-frame with this, so they agree on what fits.
+pub(crate) fn largest_segment(frame: &[u8], key: &FlowKey, gso_size: u16) -> usize {
+    (inner_hdr_len(frame, key) + usize::from(gso_size)).min(frame.len())
+}
+
 /// Inner Ethernet + IP + L4 header length (TCP data offset read from the
-/// frame); the whole frame when the key has no L4.
+/// frame, at least 20); the whole frame when the key has no TCP/UDP.
 fn inner_hdr_len(frame: &[u8], key: &FlowKey) -> usize {
     let l4 = usize::from(key.l4_offset);
     match key.l4 {

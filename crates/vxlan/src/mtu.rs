@@ -26,7 +26,8 @@ use packet::flow::{proto, Frag, L3, L4};
 use packet::view::{is_icmpv4_error, is_icmpv6_error};
 use packet::{FlowKey, GsoType, MacAddr, PacketBuf};
 
-use crate::{Family, UDP_HLEN};
+use crate::encap::largest_segment;
+use crate::Family;
 
 /// Largest IPv6 packet an ICMPv6 error may be (RFC 4443 section 2.4 (c)).
 pub const IPV6_MIN_MTU: usize = 1280;
@@ -63,33 +64,19 @@ pub enum IcmpAction {
 /// `underlay_mtu` bytes (IP MTU of the underlay interface) once
 /// encapsulated over `family`.
 ///
-/// For a TSO/USO super-frame the size that counts is one segment's: inner
-/// headers (TCP data offset read from the frame) plus `gso_size`.
+/// For a TSO/USO super-frame the size that counts is its longest
+/// segment's: inner headers (TCP data offset read from the frame) plus
+/// `gso_size`, or the whole frame when that is shorter (one short segment).
+/// [`crate::Encapsulator::encap_segments`] sizes segments the same way: a
+/// super-frame this says fits is encapsulated at its `gso_size` (unless
+/// software segmentation refuses the frame).
 pub fn check_mtu(underlay_mtu: u16, family: Family, buf: &PacketBuf, key: &FlowKey) -> MtuDecision {
     let frame = buf.frame();
     let overhead = family.ip_overhead();
     let room = usize::from(underlay_mtu).saturating_sub(overhead);
-    let o = &buf.offload;
-    let len = match o.gso {
+    let len = match buf.offload.gso {
         GsoType::None => frame.len(),
-        _ => {
-            let l4 = usize::from(key.l4_offset);
-            let hdr = match key.l4 {
-                L4::Tcp { .. } => {
-                    l4 + frame
-                        .get(l4 + 12)
-                        .map_or(20, |b| usize::from(b >> 4) * 4)
-                        .max(20)
-                }
-                L4::Udp { .. } => l4 + UDP_HLEN,
-                _ => 0,
-            };
-            if hdr == 0 {
-                frame.len()
-            } else {
-                (hdr + usize::from(o.gso_size)).min(frame.len())
-            }
-        }
+        _ => largest_segment(frame, key, buf.offload.gso_size),
     };
     if len <= room {
         return MtuDecision::Fits;

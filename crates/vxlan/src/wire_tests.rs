@@ -428,6 +428,163 @@ fn encap_segments_plain_and_refusals() {
     ));
 }
 
+// ---- encap_segments agrees with check_mtu (fuzz finding, vxlan_encap) ----
+
+/// Reproducers of the `vxlan_encap` fuzz target (`fuzz/corpus/vxlan_encap/`),
+/// in its input layout: `[vnet_hdr(12), vni(3), mtu(2, LE), flags, frame]`.
+/// A USO frame with one 1-byte segment, `gso_size` 1400, MTU 576.
+const FUZZ_USO_SHORT_SEGMENT: &str = "00050000780500000000000000000140020002000000000202000000000108004500001d123440004011149a0a0000010a0000021388138900094cc878";
+/// A TSO4 frame with 20 payload bytes, `gso_size` 4, MTU 94: five 58-byte
+/// segments fill the room (58) exactly.
+const FUZZ_TSO_SMALL_MSS: &str = "0001000004000000000000000000015e000002000000000202000000000108004500003c12344000400614860a0000010a00000200010002000003e8000000005018ffff6f9900006162636465666768696a6b6c6d6e6f7071727374";
+/// What libFuzzer found: a VLAN-tagged TSO4 frame with 28 bytes of TCP
+/// options (86 bytes of headers), 12 payload bytes, `gso_size` 6, MTU 129
+/// (room 93): two 92-byte segments.
+const FUZZ_TSO_VLAN_TCP_OPTIONS: &str = "0001000006000000000000000000018100006408004500005012000000018100006408004500005012344000400614720a0000010a00000200010002000003e800000000c4ee1185000000005018ffff2e4e36000000220010000000000064dc052c0200000200802d344000370601000a00008c";
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Decodes a `vxlan_encap` fuzz input as the target does (IPv4 underlay
+/// only), checks that `check_mtu` says `Fits`, runs `encap_segments` and
+/// checks every packet: fits the MTU, decaps to the VNI and source port,
+/// inner segment parses cleanly with verifying IPv4 header and L4
+/// checksums and at most `gso_size` payload bytes, payloads reassemble.
+/// Returns the number of packets and the inner segment lengths.
+fn encap_fuzz_input(hex: &str) -> (usize, Vec<usize>) {
+    let data = unhex(hex);
+    let (h, frame) = data.split_at(18);
+    let offload = Offload::from_vnet_hdr(&h[..12]).unwrap();
+    assert!(offload.is_gso());
+    let v = Vni::from_bytes([h[12], h[13], h[14]]);
+    let mtu = u16::from_le_bytes([h[15], h[16]]);
+    let flags = h[17];
+    assert_ne!(flags & 0x0e, 0x0e, "IPv6 underlay input");
+    let cfg = EncapConfig {
+        inner_csum_partial: flags & 1 != 0,
+        tos: flags & 0xf0,
+        hash_seed: u64::from(flags).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        ..EncapConfig::default()
+    };
+    let k = key(frame);
+    assert_eq!(k.malformed, None);
+    let mut b = PacketBuf::from_frame(frame);
+    b.offload = offload;
+    assert_eq!(check_mtu(mtu, Family::V4, &b, &k), MtuDecision::Fits);
+
+    let l4 = usize::from(k.l4_offset);
+    let hdr = match k.l4 {
+        packet::L4::Tcp { .. } => l4 + usize::from(frame[l4 + 12] >> 4) * 4,
+        packet::L4::Udp { .. } => l4 + 8,
+        other => panic!("{other:?}"),
+    };
+    let l3 = usize::from(k.l3_offset);
+    let end = l3 + usize::from(u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]));
+    let payload = &frame[hdr..end];
+
+    let mut e = Encapsulator::new(cfg);
+    let sport = e.src_port(&k);
+    let mut outs = Vec::new();
+    let n = e
+        .encap_segments(&mut b, &underlay(), v, &k, mtu, |o| {
+            assert_eq!(o.offload, Offload::NONE);
+            outs.push(o.frame().to_vec());
+        })
+        .unwrap_or_else(|err| panic!("check_mtu says Fits, encap_segments {err:?}"));
+    assert_eq!((b.frame(), b.offload), (frame, offload), "buf untouched");
+    assert_eq!(n, outs.len());
+    let mut got = Vec::new();
+    let mut lens = Vec::new();
+    for out in &outs {
+        assert!(
+            out.len() - 14 <= usize::from(mtu),
+            "{} > {mtu}",
+            out.len() - 14
+        );
+        assert!(verify(&out[14..34]), "outer IPv4 checksum");
+        let d = parse(out, DEFAULT_PORT).unwrap();
+        assert_eq!((d.vni, d.src_port), (v, sport));
+        let inner = &out[d.inner_offset..d.inner_offset + d.inner_len];
+        lens.push(inner.len());
+        let sk = key(inner);
+        assert_eq!(sk.malformed, None);
+        assert_eq!((sk.l3_offset, sk.l4_offset), (k.l3_offset, k.l4_offset));
+        assert!(verify(&inner[l3..l4]), "inner IPv4 header checksum");
+        let (Some(ip), true) = (sk.ip(), inner.len() >= hdr) else {
+            panic!("segment without IP or headers: {sk:?}")
+        };
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (ip.src, ip.dst) else {
+            panic!("not IPv4")
+        };
+        let ps = pseudo_header_v4(src, dst, ip.proto, (inner.len() - l4) as u16);
+        assert_eq!(
+            fold(add(ps, sum(&inner[l4..]))),
+            0xffff,
+            "inner L4 checksum"
+        );
+        assert!(inner.len() - hdr <= usize::from(offload.gso_size));
+        got.extend_from_slice(&inner[hdr..]);
+    }
+    assert_eq!(got, payload, "segments reassemble the payload");
+    (n, lens)
+}
+
+#[test]
+fn encap_segments_uso_short_segment_fits() {
+    // Headers + gso_size (1442) exceed the room (576 - 36 = 540), but the
+    // only segment is the 43-byte frame: check_mtu says Fits, so it is sent
+    // (it used to be ExceedsMtu).
+    assert_eq!(encap_fuzz_input(FUZZ_USO_SHORT_SEGMENT), (1, vec![43]));
+}
+
+#[test]
+fn encap_segments_tso_small_gso_size_needs_no_clamp() {
+    // room 94 - 36 = 58, headers 54: only 4 bytes per segment would fit
+    // after clamping (< 8), but gso_size 4 already fits, so no clamping and
+    // no MtuTooSmall.
+    assert_eq!(encap_fuzz_input(FUZZ_TSO_SMALL_MSS), (5, vec![58; 5]));
+}
+
+#[test]
+fn encap_segments_tso_vlan_tcp_options_fuzzer_input() {
+    // room 93 - 86 bytes of headers = 7 < 8, gso_size 6 fits.
+    assert_eq!(
+        encap_fuzz_input(FUZZ_TSO_VLAN_TCP_OPTIONS),
+        (2, vec![92; 2])
+    );
+}
+
+#[test]
+fn encap_segments_short_payload_needs_no_clamp() {
+    // TSO4 with 5 payload bytes, gso_size 1448: headers + gso_size do not
+    // fit, the one 59-byte segment does, even with 5 bytes of room left
+    // for payload (< 8): sent whole.
+    let (mut b, data) = tso4(5, 1448);
+    let k = key(b.frame());
+    let mut e = Encapsulator::new(EncapConfig::default());
+    let sport = e.src_port(&k);
+    for mtu in [95u16, 100] {
+        assert_eq!(check_mtu(mtu, Family::V4, &b, &k), MtuDecision::Fits);
+        let mut got = Vec::new();
+        let n = e
+            .encap_segments(&mut b, &underlay(), vni(1), &k, mtu, |o| {
+                got.extend(check_segment(o.frame(), usize::from(mtu), sport));
+            })
+            .unwrap();
+        assert_eq!((n, &got), (1, &data));
+    }
+    // One byte less: does not fit, and cutting would leave 4 bytes.
+    assert_ne!(check_mtu(94, Family::V4, &b, &k), MtuDecision::Fits);
+    assert_eq!(
+        e.encap_segments(&mut b, &underlay(), vni(1), &k, 94, |_| {}),
+        Err(EncapError::MtuTooSmall)
+    );
+}
+
 #[test]
 fn source_port_entropy() {
     let e = Encapsulator::new(EncapConfig::default());
@@ -1025,6 +1182,43 @@ proptest! {
         if let Ok(d) = decap(&mut b, DEFAULT_PORT) {
             prop_assert_eq!(b.len(), d.inner_len);
             prop_assert!(d.inner_len >= 14);
+        }
+    }
+
+    /// Whenever check_mtu says a TSO/USO super-frame fits, encap_segments
+    /// sends it cut at gso_size; every packet fits the MTU either way.
+    #[test]
+    fn encap_segments_agrees_with_check_mtu(payload in 0usize..400, gso in 1u16..500, mtu in 0u16..700, udp in any::<bool>()) {
+        let mut b = if udp {
+            let f = udp4_frame(payload + 28, true, 7);
+            let mut b = PacketBuf::from_frame(&f);
+            b.offload.gso = GsoType::UdpL4;
+            b
+        } else {
+            tso4(payload, 0).0
+        };
+        b.offload.gso_size = gso;
+        let k = key(b.frame());
+        let fits = check_mtu(mtu, Family::V4, &b, &k) == MtuDecision::Fits;
+        let hdr = if udp { 42 } else { 54 };
+        let mut e = Encapsulator::new(EncapConfig::default());
+        let mut sizes = Vec::new();
+        let r = e.encap_segments(&mut b, &underlay(), vni(1), &k, mtu, |o| {
+            sizes.push(o.len() - OUTER_V4_LEN - hdr);
+            assert!(o.len() - 14 <= usize::from(mtu));
+        });
+        if fits {
+            prop_assert_eq!(r, Ok(payload.div_ceil(usize::from(gso)).max(1)));
+            prop_assert!(sizes.iter().all(|&s| s <= usize::from(gso)));
+        } else if udp {
+            prop_assert_eq!(r, Err(EncapError::ExceedsMtu));
+        } else {
+            let max = usize::from(mtu).saturating_sub(36 + hdr);
+            if max < 8 {
+                prop_assert_eq!(r, Err(EncapError::MtuTooSmall));
+            } else {
+                prop_assert_eq!(r, Ok(payload.div_ceil(max).max(1)));
+            }
         }
     }
 
