@@ -45,6 +45,25 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<String>,
     },
+    /// Packet capture at a port: after the answer line the connection
+    /// carries a pcapng stream until `count` frames were sent or the client
+    /// closes it.
+    Capture {
+        /// Port name.
+        port: String,
+        /// Stages: any of "rx", "tx", "drop" (default all three).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stages: Option<Vec<String>>,
+        /// Filter in the documented tcpdump subset (docs/cli.md).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filter: Option<String>,
+        /// Stop after this many frames.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+        /// Bytes kept per frame (default 262144).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snaplen: Option<u32>,
+    },
 }
 
 /// Answers one request line.
@@ -62,6 +81,7 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
         Request::Reload {} => daemon
             .reload()
             .map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),
+        Request::Capture { .. } => Err("capture streams; it is handled by the connection".into()),
     };
     match result {
         Ok(data) => json!({"ok": true, "data": data}),
@@ -145,6 +165,23 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<
             w.write_all(format!("{msg}\n").as_bytes()).await?;
             return Ok(());
         }
+        if let Ok(Request::Capture {
+            port,
+            stages,
+            filter,
+            count,
+            snaplen,
+        }) = serde_json::from_slice::<Request>(&line)
+        {
+            let spec = CaptureSpec {
+                port,
+                stages,
+                filter,
+                count,
+                snaplen,
+            };
+            return stream_capture(&daemon, spec, r, w).await;
+        }
         let d = daemon.clone();
         let req = std::mem::take(&mut line);
         // Reload creates taps and reads files: keep it off the async threads.
@@ -152,6 +189,127 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<
             .await
             .unwrap_or_else(|e| json!({"ok": false, "error": format!("internal error: {e}")}));
         w.write_all(format!("{answer}\n").as_bytes()).await?;
+    }
+}
+
+struct CaptureSpec {
+    port: String,
+    stages: Option<Vec<String>>,
+    filter: Option<String>,
+    count: Option<u64>,
+    snaplen: Option<u32>,
+}
+
+/// Runs one capture session on the connection: the answer line, then
+/// pcapng until the count is reached or the client goes away (a read of
+/// EOF or a failed write ends it; the session is always detached).
+async fn stream_capture(
+    daemon: &Daemon,
+    spec: CaptureSpec,
+    mut r: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    use crate::capture::{write_pcapng_header, write_pcapng_record, Session, Stage, MAX_SNAPLEN};
+    let fail = |e: String| json!({"ok": false, "error": e});
+    let stages: Result<Vec<Stage>, String> = match &spec.stages {
+        None => Ok(vec![Stage::Rx, Stage::Tx, Stage::Drop]),
+        Some(v) if v.is_empty() => Err("stages is empty; use rx, tx and/or drop".into()),
+        Some(v) => v
+            .iter()
+            .map(|s| Stage::parse(s).ok_or(format!("unknown stage {s:?}; use rx, tx or drop")))
+            .collect(),
+    };
+    let filter = match spec.filter.as_deref().map(crate::filter::Filter::parse) {
+        None => Ok(None),
+        Some(Ok(f)) => Ok(Some(f)),
+        Some(Err(e)) => Err(format!("filter: {e}")),
+    };
+    let point = daemon.capture_point(&spec.port).ok_or(format!(
+        "no port {:?} on this switch (vswitchctl show lists them)",
+        spec.port
+    ));
+    let (stages, filter, point) = match (stages, filter, point) {
+        (Ok(s), Ok(f), Ok(p)) => (s, f, p),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            w.write_all(format!("{}\n", fail(e)).as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    let snaplen = spec.snaplen.unwrap_or(MAX_SNAPLEN);
+    let session = Arc::new(Session::new(&stages, snaplen, spec.count, filter));
+    if let Err(e) = point.attach(session.clone()) {
+        w.write_all(format!("{}\n", fail(e)).as_bytes()).await?;
+        return Ok(());
+    }
+    let result = async {
+        let ok = json!({"ok": true, "data": {"format": "pcapng", "port": spec.port, "snaplen": session.snaplen()}});
+        w.write_all(format!("{ok}\n").as_bytes()).await?;
+        let mut out = Vec::with_capacity(64 * 1024);
+        write_pcapng_header(&spec.port, session.snaplen(), &mut out);
+        w.write_all(&out).await?;
+        let mut scratch = [0u8; 512];
+        loop {
+            let records = session.drain();
+            if !records.is_empty() {
+                out.clear();
+                for rec in &records {
+                    write_pcapng_record(rec, &mut out);
+                }
+                w.write_all(&out).await?;
+            }
+            if session.done() {
+                break;
+            }
+            tokio::select! {
+                _ = session.notify.notified() => {}
+                // The client closed (or sent something): stop.
+                _ = r.read(&mut scratch) => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        // Whatever arrived before the count was reached.
+        let rest = session.drain();
+        out.clear();
+        for rec in &rest {
+            write_pcapng_record(rec, &mut out);
+        }
+        w.write_all(&out).await?;
+        w.flush().await
+    }
+    .await;
+    session.close();
+    point.detach(&session);
+    tracing::info!(port = %spec.port, captured = session.captured.load(std::sync::atomic::Ordering::Relaxed),
+        lost = session.lost.load(std::sync::atomic::Ordering::Relaxed), "capture ended");
+    result
+}
+
+/// Opens a capture stream: sends `req` (a [`Request::Capture`]), checks the
+/// answer line and returns the connection positioned at the pcapng bytes.
+pub fn capture_stream(socket: &Path, req: &Request) -> Result<impl std::io::Read, ClientError> {
+    use std::io::{BufRead, Write};
+    let mut s =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| ClientError::Connect {
+            socket: socket.to_path_buf(),
+            source: e,
+        })?;
+    let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(ClientError::Io)?;
+    let mut reader = std::io::BufReader::new(s);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(ClientError::Io)?;
+    let v: Value =
+        serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if v.get("ok") == Some(&Value::Bool(true)) {
+        Ok(reader)
+    } else {
+        Err(ClientError::Daemon(
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error")
+                .to_string(),
+        ))
     }
 }
 

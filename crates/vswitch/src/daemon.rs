@@ -88,6 +88,7 @@ struct PortState {
     cfg: Port,
     tap: Arc<TapHandle>,
     counters: Arc<PortCounters>,
+    capture: Arc<crate::capture::PortCapture>,
 }
 
 #[derive(Debug)]
@@ -470,7 +471,7 @@ impl Daemon {
                     None => continue, // unreachable: new ports always open a tap
                 },
             };
-            let counters = old.map(|o| o.counters).unwrap_or_default();
+            let (counters, capture) = old.map(|o| (o.counters, o.capture)).unwrap_or_default();
             ports.insert(
                 p.name.clone(),
                 PortState {
@@ -478,6 +479,7 @@ impl Daemon {
                     cfg: p.clone(),
                     tap,
                     counters,
+                    capture,
                 },
             );
         }
@@ -556,6 +558,11 @@ impl Daemon {
         }
         st.ports.clear();
         st.bridges.clear();
+    }
+
+    /// The capture point of port `name`, if it is a port of this host.
+    pub fn capture_point(&self, name: &str) -> Option<Arc<crate::capture::PortCapture>> {
+        self.state.lock().ports.get(name).map(|p| p.capture.clone())
     }
 
     /// `leases` data (see docs/cli.md).
@@ -858,6 +865,7 @@ fn build_snapshot(
                 port_security: p.port_security,
                 tap: ps.tap.clone(),
                 counters: ps.counters.clone(),
+                capture: ps.capture.clone(),
             }));
         }
         let mut fixed = HashMap::new();

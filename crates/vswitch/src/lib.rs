@@ -12,6 +12,7 @@
 //! sans-IO crates of their own that take `now` and a packet and return a
 //! verdict. See docs/architecture.md for the picture.
 
+pub mod capture;
 pub mod clock;
 pub mod config;
 pub mod control;
@@ -20,6 +21,7 @@ pub mod dataplane;
 pub mod dhcp_service;
 pub mod directory;
 pub mod fdb;
+pub mod filter;
 pub mod lab;
 pub mod pipeline;
 pub mod table;

@@ -40,10 +40,96 @@ enum Cmd {
         #[arg(long)]
         network: Option<String>,
     },
+    /// Capture a port's frames as pcapng (tcpdump, tshark, Wireshark read it).
+    Capture {
+        /// Port name.
+        #[arg(long)]
+        port: String,
+        /// Stages: rx (from the VM), tx (to the VM), drop (with the reason
+        /// as a packet comment); comma-separated, default all.
+        #[arg(long, value_delimiter = ',')]
+        stage: Option<Vec<String>>,
+        /// Filter, a subset of tcpdump's syntax (docs/cli.md).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Stop after N frames (default: until interrupted).
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        /// Bytes kept per frame.
+        #[arg(long, short = 's')]
+        snaplen: Option<u32>,
+        /// Write to FILE, or `-` for standard output (`... -w - | tcpdump -r -`).
+        #[arg(short = 'w', required = true)]
+        write: PathBuf,
+    },
+}
+
+fn capture(socket: &std::path::Path, req: &Request, to: &std::path::Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut stream = match control::capture_stream(socket, req) {
+        Ok(s) => s,
+        Err(e @ ClientError::Daemon(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let mut out: Box<dyn Write> = if to.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        match std::fs::File::create(to) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                eprintln!("error: {}: {e}", to.display());
+                return ExitCode::from(1);
+            }
+        }
+    };
+    // Copy as it comes, flushing each chunk, so a reader at the other end
+    // of a pipe sees frames live.
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                    // The reader went away (e.g. `| head`): a normal end.
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("error: capture stream: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Cmd::Capture {
+        port,
+        stage,
+        filter,
+        count,
+        snaplen,
+        write,
+    } = &args.cmd
+    {
+        let req = Request::Capture {
+            port: port.clone(),
+            stages: stage.clone(),
+            filter: filter.clone(),
+            count: *count,
+            snaplen: *snaplen,
+        };
+        return capture(&args.socket, &req, write);
+    }
     let req = match &args.cmd {
         Cmd::Show => Request::Show {},
         Cmd::Fdb { network } => Request::Fdb {
@@ -53,6 +139,7 @@ fn main() -> ExitCode {
         Cmd::Leases { network } => Request::Leases {
             network: network.clone(),
         },
+        Cmd::Capture { .. } => return ExitCode::from(2),
     };
     match control::request(&args.socket, &req) {
         Ok(data) => {
@@ -87,6 +174,7 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         Cmd::Show => render_show(d),
         Cmd::Fdb { .. } => render_fdb(d),
         Cmd::Leases { .. } => render_leases(d),
+        Cmd::Capture { .. } => String::new(),
         Cmd::Reload => {
             let list = |k: &str| {
                 let v: Vec<String> = d[k]

@@ -24,6 +24,7 @@ use packet::{FlowKey, MacAddr, Offload, PacketBuf, L3, L4};
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 
+use crate::capture::{PortCapture, Stage};
 use crate::clock::Timestamp;
 use crate::config::{Config, Network};
 use crate::dhcp_service::{DhcpQueue, DhcpRequest, MAX_MESSAGE};
@@ -106,9 +107,18 @@ pub struct PortRt {
     pub tap: Arc<TapHandle>,
     /// Counters.
     pub counters: Arc<PortCounters>,
+    /// Capture point (rx, tx, drop); survives reloads like the counters.
+    pub capture: Arc<PortCapture>,
 }
 
 impl PortRt {
+    /// Counts a frame dropped at this port and offers it to captures.
+    #[inline]
+    pub fn drop_frame(&self, r: DropReason, frame: &[u8]) {
+        self.counters.count_drop(r);
+        self.capture.offer(Stage::Drop, Some(r), frame);
+    }
+
     fn ingress(&self) -> Ingress {
         Ingress {
             id: self.id,
@@ -474,6 +484,7 @@ fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, sc: &mut Scratch, now
                 port.counters
                     .rx_bytes
                     .fetch_add(sc.buf.len() as u64, Ordering::Relaxed);
+                port.capture.offer(Stage::Rx, None, sc.buf.frame());
                 let verdict = snap.process(port, &mut sc.buf, now);
                 deliver(snap, port, sc, verdict);
             }
@@ -555,7 +566,7 @@ fn deliver(snap: &Snapshot, ingress: &PortRt, sc: &mut Scratch, verdict: Verdict
         }
         Verdict::Reply => transmit(ingress, &sc.buf),
         Verdict::Consumed => {}
-        Verdict::Drop(r) => ingress.counters.count_drop(r),
+        Verdict::Drop(r) => ingress.drop_frame(r, sc.buf.frame()),
     }
 }
 
@@ -569,7 +580,7 @@ pub(crate) fn transmit(egress: &PortRt, buf: &PacketBuf) {
 #[inline]
 pub(crate) fn transmit_with(egress: &PortRt, offload: &Offload, frame: &[u8]) {
     if egress.tap.detached.load(Ordering::Relaxed) {
-        egress.counters.count_drop(DropReason::EgressDetached);
+        egress.drop_frame(DropReason::EgressDetached, frame);
         return;
     }
     // A tap takes every offload from userspace (`Tap::tx_offloads`), so
@@ -583,12 +594,16 @@ pub(crate) fn transmit_with(egress: &PortRt, offload: &Offload, frame: &[u8]) {
                 .counters
                 .tx_bytes
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            egress.capture.offer(Stage::Tx, None, frame);
         }
-        Err(e) => egress.counters.count_drop(match e.raw_os_error() {
-            Some(libc::EIO) => DropReason::EgressDown,
-            Some(libc::EAGAIN) => DropReason::EgressBusy,
-            Some(libc::EBADFD) | Some(libc::ENODEV) => DropReason::EgressDetached,
-            _ => DropReason::EgressError,
-        }),
+        Err(e) => egress.drop_frame(
+            match e.raw_os_error() {
+                Some(libc::EIO) => DropReason::EgressDown,
+                Some(libc::EAGAIN) => DropReason::EgressBusy,
+                Some(libc::EBADFD) | Some(libc::ENODEV) => DropReason::EgressDetached,
+                _ => DropReason::EgressError,
+            },
+            frame,
+        ),
     }
 }

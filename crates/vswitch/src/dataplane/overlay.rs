@@ -141,7 +141,7 @@ pub(super) fn forward_to_peer(
     if let MtuDecision::TooBig { mtu, icmp } =
         vxlan::check_mtu(snap.config.underlay.mtu, vxlan::Family::V4, &sc.buf, &key)
     {
-        ingress.counters.count_drop(DropReason::OverlayMtuExceeded);
+        ingress.drop_frame(DropReason::OverlayMtuExceeded, sc.buf.frame());
         // The sender hears it from its own network's gateway.
         if let Some((gw_ip, gw_mac)) = in_net.gateway {
             let built = match icmp {
