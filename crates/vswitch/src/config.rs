@@ -59,6 +59,7 @@ struct RawSwitch {
     mac_table_size: Option<usize>,
     mac_aging_secs: Option<u64>,
     workers: Option<usize>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +126,8 @@ pub struct SwitchSettings {
     pub mac_aging: Duration,
     /// Data-plane threads; 0 means half the CPU cores, at least one.
     pub workers: usize,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `[underlay]`: how this host's switch reaches the others (VXLAN).
@@ -877,10 +880,25 @@ impl Validator {
                 format!("workers {workers} is more than {MAX_WORKERS}; use 0 for one per core"),
             );
         }
+        let metrics_listen = match s.metrics_listen.as_deref().map(str::parse) {
+            None => None,
+            Some(Ok(a)) => Some(a),
+            Some(Err(_)) => {
+                self.problem(
+                    "[switch]",
+                    format!(
+                        "metrics_listen {:?} is not ADDRESS:PORT; write it like \"127.0.0.1:9477\"",
+                        s.metrics_listen.as_deref().unwrap_or_default()
+                    ),
+                );
+                None
+            }
+        };
         SwitchSettings {
             mac_table_size,
             mac_aging: Duration::from_secs(aging),
             workers,
+            metrics_listen,
         }
     }
 

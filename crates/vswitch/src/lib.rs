@@ -23,6 +23,7 @@ pub mod directory;
 pub mod fdb;
 pub mod filter;
 pub mod lab;
+pub mod metrics;
 pub mod pipeline;
 pub mod table;
 pub mod tap;

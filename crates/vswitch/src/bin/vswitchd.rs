@@ -122,6 +122,22 @@ async fn run(args: Args, config: Config) -> ExitCode {
         return ExitCode::from(1);
     };
     let server = tokio::spawn(control::serve(listener, daemon.clone()));
+    let metrics = match daemon.config().switch.metrics_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+                Some(tokio::spawn(vswitch::metrics::serve(l, daemon.clone())))
+            }
+            Err(e) => {
+                eprintln!("error: [switch] metrics_listen {addr}: {e}");
+                server.abort();
+                daemon.shutdown();
+                let _ = std::fs::remove_file(&args.socket);
+                return ExitCode::from(1);
+            }
+        },
+    };
     let mut aging = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -140,6 +156,9 @@ async fn run(args: Args, config: Config) -> ExitCode {
     }
     tracing::info!("stopping: removing taps");
     server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     daemon.shutdown();
     let _ = std::fs::remove_file(&args.socket);
     ExitCode::SUCCESS

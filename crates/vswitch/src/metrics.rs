@@ -1,0 +1,331 @@
+//! Prometheus metrics: the same counters `vswitchctl show|fdb|leases`
+//! report, in the text exposition format, served on an opt-in address
+//! (`[switch] metrics_listen`) at `GET /metrics`.
+//!
+//! The HTTP side is deliberately tiny and bounded (one request per
+//! connection, 8 KB of request, 5 s to send it, 16 connections): it is an
+//! input like any other.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::clock::Timestamp;
+use crate::daemon::Daemon;
+
+const MAX_REQUEST: usize = 8 * 1024;
+const MAX_CONNECTIONS: usize = 16;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Escapes a label value (backslash, quote, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn s(v: &Value) -> String {
+    esc(v.as_str().unwrap_or(""))
+}
+
+/// Metric families, each written once with HELP/TYPE then its samples.
+#[derive(Default)]
+struct Out {
+    text: String,
+}
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(self.text, "{name} {v}");
+            } else {
+                let _ = writeln!(self.text, "{name}{{{labels}}} {v}");
+            }
+        }
+    }
+}
+
+/// Renders the metrics from the daemon's `show`, `fdb` and `leases` data.
+pub fn render(show: &Value, fdb: &Value, leases: &Value) -> String {
+    let mut o = Out::default();
+    o.family(
+        "vswitch_uptime_seconds",
+        "gauge",
+        "Seconds since vswitchd started.",
+        &[(String::new(), num(&show["uptime_secs"]))],
+    );
+    let ports: Vec<&Value> = show["ports"].as_array().into_iter().flatten().collect();
+    let plabel = |p: &Value| {
+        format!(
+            "port=\"{}\",tenant=\"{}\",network=\"{}\"",
+            s(&p["name"]),
+            s(&p["tenant"]),
+            s(&p["network"])
+        )
+    };
+    for (key, name, help) in [
+        (
+            "rx_packets",
+            "vswitch_port_rx_packets_total",
+            "Frames received from the VM (a super-frame is one).",
+        ),
+        (
+            "rx_bytes",
+            "vswitch_port_rx_bytes_total",
+            "Bytes received from the VM.",
+        ),
+        (
+            "tx_packets",
+            "vswitch_port_tx_packets_total",
+            "Frames written to the VM.",
+        ),
+        (
+            "tx_bytes",
+            "vswitch_port_tx_bytes_total",
+            "Bytes written to the VM.",
+        ),
+    ] {
+        let samples: Vec<(String, u64)> = ports.iter().map(|p| (plabel(p), num(&p[key]))).collect();
+        o.family(name, "counter", help, &samples);
+    }
+    let mut drops = Vec::new();
+    for p in &ports {
+        for (reason, v) in p["drops"].as_object().into_iter().flatten() {
+            drops.push((format!("{},reason=\"{}\"", plabel(p), esc(reason)), num(v)));
+        }
+    }
+    o.family(
+        "vswitch_port_drops_total",
+        "counter",
+        "Frames dropped at a port, by reason (docs/architecture.md).",
+        &drops,
+    );
+    let nets: Vec<&Value> = fdb["networks"].as_array().into_iter().flatten().collect();
+    let nlabel = |n: &Value| {
+        format!(
+            "tenant=\"{}\",network=\"{}\"",
+            s(&n["tenant"]),
+            s(&n["network"])
+        )
+    };
+    o.family(
+        "vswitch_fdb_entries",
+        "gauge",
+        "MAC table entries per network.",
+        &nets
+            .iter()
+            .map(|n| (nlabel(n), num(&n["count"])))
+            .collect::<Vec<_>>(),
+    );
+    o.family(
+        "vswitch_fdb_capacity",
+        "gauge",
+        "MAC table cap per network.",
+        &nets
+            .iter()
+            .map(|n| (nlabel(n), num(&n["mac_table_size"])))
+            .collect::<Vec<_>>(),
+    );
+    let mut events = Vec::new();
+    for n in &nets {
+        for (ev, v) in n["stats"].as_object().into_iter().flatten() {
+            events.push((format!("{},event=\"{}\"", nlabel(n), esc(ev)), num(v)));
+        }
+    }
+    o.family(
+        "vswitch_fdb_events_total",
+        "counter",
+        "MAC table events: learned, moved, aged, evicted, hijack_refused, table_full.",
+        &events,
+    );
+    let mut dhcp = Vec::new();
+    let mut bound = Vec::new();
+    for n in leases["networks"].as_array().into_iter().flatten() {
+        for (ev, v) in n["stats"].as_object().into_iter().flatten() {
+            if v.is_u64() {
+                dhcp.push((format!("{},event=\"{}\"", nlabel(n), esc(ev)), num(v)));
+            }
+        }
+        let count = n["leases"]
+            .as_array()
+            .map_or(0, |l| l.iter().filter(|x| x["state"] == "bound").count());
+        bound.push((nlabel(n), count as u64));
+    }
+    o.family(
+        "vswitch_dhcp_events_total",
+        "counter",
+        "DHCP server events per network (ack, nak, offer, release, ...).",
+        &dhcp,
+    );
+    o.family(
+        "vswitch_dhcp_leases_bound",
+        "gauge",
+        "Bound DHCP leases per network.",
+        &bound,
+    );
+    let ul = &show["underlay"];
+    if ul.is_object() {
+        o.family(
+            "vswitch_underlay_rx_not_peer_total",
+            "counter",
+            "VXLAN datagrams from addresses that are not configured peers.",
+            &[(String::new(), num(&ul["rx_not_peer"]))],
+        );
+        let peers: Vec<&Value> = ul["peers"].as_array().into_iter().flatten().collect();
+        let plabel =
+            |p: &Value| format!("peer=\"{}\",vtep=\"{}\"", s(&p["name"]), s(&p["address"]));
+        for (key, name, help) in [
+            (
+                "rx_packets",
+                "vswitch_peer_rx_packets_total",
+                "VXLAN datagrams received from the peer.",
+            ),
+            (
+                "rx_bytes",
+                "vswitch_peer_rx_bytes_total",
+                "VXLAN bytes received from the peer.",
+            ),
+            (
+                "tx_packets",
+                "vswitch_peer_tx_packets_total",
+                "VXLAN datagrams sent to the peer.",
+            ),
+            (
+                "tx_bytes",
+                "vswitch_peer_tx_bytes_total",
+                "VXLAN bytes sent to the peer.",
+            ),
+        ] {
+            let samples: Vec<(String, u64)> =
+                peers.iter().map(|p| (plabel(p), num(&p[key]))).collect();
+            o.family(name, "counter", help, &samples);
+        }
+        let mut pd = Vec::new();
+        for p in &peers {
+            for (reason, v) in p["drops"].as_object().into_iter().flatten() {
+                pd.push((format!("{},reason=\"{}\"", plabel(p), esc(reason)), num(v)));
+            }
+        }
+        o.family(
+            "vswitch_peer_drops_total",
+            "counter",
+            "Frames or datagrams dropped at a peer, by reason.",
+            &pd,
+        );
+    }
+    o.text
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, daemon: Arc<Daemon>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: too many scrapers at once
+        };
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &d)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
+    let mut req = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+        if req.len() > MAX_REQUEST {
+            return stream
+                .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    }
+    let line = req.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let (status, body) = match (method, path) {
+        (b"GET", b"/metrics") => {
+            let d = daemon.clone();
+            let text = tokio::task::spawn_blocking(move || {
+                let fdb = d.fdb(None, Timestamp::now()).unwrap_or(Value::Null);
+                render(&d.show(), &fdb, &d.leases(None))
+            })
+            .await
+            .unwrap_or_default();
+            ("200 OK", text)
+        }
+        (b"GET", _) => (
+            "404 Not Found",
+            "only /metrics is served here\n".to_string(),
+        ),
+        _ => ("405 Method Not Allowed", String::new()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn exposition_format() {
+        let show = json!({
+            "uptime_secs": 5,
+            "ports": [{"name": "vm1", "tenant": "acme", "network": "web", "rx_packets": 3,
+                        "rx_bytes": 300, "tx_packets": 2, "tx_bytes": 200,
+                        "drops": {"ip_src_spoofed": 7}}],
+            "underlay": {"rx_not_peer": 4, "peers": [{"name": "b", "address": "198.19.0.2",
+                        "rx_packets": 1, "rx_bytes": 2, "tx_packets": 3, "tx_bytes": 4,
+                        "drops": {"underlay_unknown_vni": 2}}]},
+        });
+        let fdb = json!({"networks": [{"tenant": "acme", "network": "web", "count": 2,
+                        "mac_table_size": 8192, "stats": {"learned": 1}}]});
+        let leases = json!({"networks": [{"tenant": "acme", "network": "web",
+                        "stats": {"ack": 2}, "leases": [{"state": "bound"}]}]});
+        let t = render(&show, &fdb, &leases);
+        for want in [
+            "# TYPE vswitch_port_rx_packets_total counter",
+            "vswitch_port_rx_packets_total{port=\"vm1\",tenant=\"acme\",network=\"web\"} 3",
+            "vswitch_port_drops_total{port=\"vm1\",tenant=\"acme\",network=\"web\",reason=\"ip_src_spoofed\"} 7",
+            "vswitch_fdb_entries{tenant=\"acme\",network=\"web\"} 2",
+            "vswitch_dhcp_leases_bound{tenant=\"acme\",network=\"web\"} 1",
+            "vswitch_underlay_rx_not_peer_total 4",
+            "vswitch_peer_drops_total{peer=\"b\",vtep=\"198.19.0.2\",reason=\"underlay_unknown_vni\"} 2",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
