@@ -402,7 +402,13 @@ fn interoperates_with_kernel_vxlan() {
     sh(&["-n", &k2, "link", "set", "lo", "up"]);
 
     let (tshark_cap, file) = capture(&dir, hb, "underlay", "ul0");
+    // w1 resolves k2 (a directory address on host B): vswitchd answers the
+    // ARP itself, so no ARP from w1 crosses the underlay (checked below).
+    let o = lab.exec(&w1, &["ip", "neigh", "flush", "dev", "eth0"]);
+    assert!(o.status.success(), "{}", fmt_output(&o));
     lab.assert_ping(&w1, "10.0.1.12", 3);
+    // Positive control: an address nobody knows is asked across.
+    let _ = lab.exec(&w1, &["ping", "-n", "-c", "1", "-W", "1", "10.0.1.77"]);
     lab.assert_ping(&k2, "10.0.1.11", 3);
     // A VM behind the kernel host that no config knows: vswitchd learns its
     // MAC on host B's VTEP (a dynamic entry, under the same cap as local
@@ -490,6 +496,38 @@ fn interoperates_with_kernel_vxlan() {
     assert!(
         text.contains(&from_kernel),
         "no VXLAN from the kernel decoded:\n{text}"
+    );
+    let out = run_timeout(
+        std::process::Command::new("tshark").args([
+            "-r",
+            &file.to_string_lossy(),
+            "-Y",
+            "vxlan && arp.src.proto_ipv4 == 10.0.1.11 && arp.opcode == 1",
+        ]),
+        Duration::from_secs(60),
+    );
+    let arps = String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = run_timeout(
+        std::process::Command::new("tshark").args([
+            "-r",
+            &file.to_string_lossy(),
+            "-Y",
+            "vxlan && arp.src.proto_ipv4 == 10.0.1.11 && arp.opcode == 1",
+            "-T",
+            "fields",
+            "-e",
+            "arp.dst.proto_ipv4",
+        ]),
+        Duration::from_secs(60),
+    );
+    let asked = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        asked.lines().any(|l| l == "10.0.1.77"),
+        "positive control: {arps}"
+    );
+    assert!(
+        !asked.lines().any(|l| l == "10.0.1.12"),
+        "w1's ARP request for a known address crossed the underlay:\n{arps}"
     );
     // Our UDP source ports carry flow entropy (49152-65535).
     let out = run_timeout(

@@ -44,6 +44,7 @@ struct RawUnderlay {
     ttl: Option<u8>,
     mtu: Option<u16>,
     src_ports: Option<u16>,
+    gso: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +142,9 @@ pub struct UnderlaySettings {
     pub mtu: u16,
     /// How many UDP source ports flows are spread over (ECMP entropy).
     pub src_ports: u16,
+    /// Send a super-frame's VXLAN packets as one UDP GSO train (`false`:
+    /// one `sendmsg` per packet, for kernels or NICs without UDP GSO).
+    pub gso: bool,
 }
 
 impl Default for UnderlaySettings {
@@ -150,6 +154,7 @@ impl Default for UnderlaySettings {
             ttl: 64,
             mtu: 1500,
             src_ports: 16,
+            gso: true,
         }
     }
 }
@@ -786,6 +791,7 @@ impl Validator {
             ttl: u.ttl.unwrap_or(d.ttl),
             mtu: u.mtu.unwrap_or(d.mtu),
             src_ports: u.src_ports.unwrap_or(d.src_ports),
+            gso: u.gso.unwrap_or(d.gso),
         };
         self.in_range("[underlay]", "port", s.port, 1..=65535);
         self.in_range("[underlay]", "ttl", s.ttl, 1..=255);

@@ -139,7 +139,7 @@ fn open_underlay(config: &Config, workers: usize) -> Result<Option<Arc<Underlay>
         return Ok(None);
     };
     let u = &config.underlay;
-    Underlay::open(me.addr, u.port, u.ttl, u.mtu, workers, u.src_ports)
+    Underlay::open(me.addr, u.port, u.ttl, u.mtu, workers, u.src_ports, u.gso)
         .map(|ul| Some(Arc::new(ul)))
         .map_err(|source| ApplyError::Underlay {
             addr: format!("{}:{}", me.addr, u.port),
@@ -228,10 +228,11 @@ impl Daemon {
             let same = me.is_some_and(|h| h.addr == ul.local)
                 && new.underlay.port == ul.port
                 && new.underlay.ttl == ul.ttl
+                && new.underlay.gso == ul.gso
                 && usize::from(new.underlay.src_ports) == ul.src_ports().len();
             if !same {
                 return Err(ApplyError::NeedsRestart(
-                    "this host's underlay address or [underlay] port, ttl or src_ports changed; those need a restart of vswitchd (the running config is kept)".into(),
+                    "this host's underlay address or [underlay] port, ttl, src_ports or gso changed; those need a restart of vswitchd (the running config is kept)".into(),
                 ));
             }
         }

@@ -604,3 +604,32 @@ fn build_reply(nd: &NetDhcp, reply: &dhcp::Reply) -> Option<Vec<u8>> {
         .ok()?;
     Some(f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_mtu_is_the_dhcp_mtu_default_and_pools_split() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/two-hosts.toml"),
+        )
+        .unwrap()
+        .replace(
+            "  gateway = \"10.0.1.1\"\n",
+            "  gateway = \"10.0.1.1\"\n  [tenant.network.dhcp]\n  pool = [\"10.0.1.100-10.0.1.199\"]\n",
+        );
+        let cfg = Config::parse(Path::new("x.toml"), &text)
+            .unwrap()
+            .for_host(Some("host-a"))
+            .unwrap();
+        let net = &cfg.networks[0];
+        let sc = server_config(&cfg, net).unwrap();
+        assert_eq!(sc.mtu, Some(1450));
+        assert_eq!(sc.pools.len(), 1);
+        assert_eq!(
+            (sc.pools[0].start, sc.pools[0].end),
+            ("10.0.1.100".parse().unwrap(), "10.0.1.149".parse().unwrap())
+        );
+    }
+}

@@ -122,6 +122,8 @@ pub struct Underlay {
     pub counters: UnderlayCounters,
     /// Seed of the flow hash that picks the source port.
     pub hash_seed: u64,
+    /// UDP GSO on send (`[underlay] gso`).
+    pub gso: bool,
 }
 
 fn udp_socket(addr: SocketAddrV4, reuse_port: bool, ttl: u8) -> io::Result<Sock> {
@@ -158,6 +160,7 @@ impl Underlay {
         mtu: u16,
         rx_sockets: usize,
         src_ports: u16,
+        gso: bool,
     ) -> io::Result<Underlay> {
         let mut rx = Vec::new();
         for _ in 0..rx_sockets.max(1) {
@@ -194,6 +197,7 @@ impl Underlay {
             tx,
             counters: UnderlayCounters::default(),
             hash_seed: u64::from(u32::from(local)).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            gso,
         })
     }
 
@@ -209,6 +213,9 @@ impl Underlay {
 
     /// Most datagrams one `send` may carry with UDP GSO (1 without GSO).
     pub fn max_segments(&self) -> usize {
+        if !self.gso {
+            return 1;
+        }
         self.tx.first().map_or(1, |s| s.state.max_gso_segments())
     }
 
