@@ -24,7 +24,11 @@
 //! - **Deadlines.** Every wait goes through [`wait_until`] or
 //!   [`run_timeout`]; there are no fixed sleeps except short poll intervals.
 //! - **Config.** [`Config`] writes the TOML of `docs/config.md`.
-//! - **Captures.** [`pcap`] reads the files `tcpdump -w` writes.
+//! - **Captures.** [`Capture`] runs `tcpdump -w` in a namespace; [`pcap`]
+//!   reads the files it writes.
+//! - **Bystanders.** [`Workload`] keeps a ping series and an iperf3 TCP flow
+//!   running between two VMs while a test does something hostile, and
+//!   reports what they measured.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -1164,6 +1168,247 @@ pub fn wait_tcp_listen(ns: &str, port: u16, timeout: Duration) -> bool {
             .map(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
             .unwrap_or(false)
     })
+}
+
+/// `ip netns exec NS ARGS...` with a deadline (for namespaces that are not
+/// lab ports, such as hosts and underlay attackers of a [`MultiLab`]).
+pub fn ns_exec(ns: &str, args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(args);
+    run_timeout(&mut cmd, timeout)
+}
+
+// ---------------------------------------------------------------------------
+// Captures and background traffic
+// ---------------------------------------------------------------------------
+
+/// A `tcpdump -w` running inside a namespace (a [`Bg`]: killed on drop).
+#[derive(Debug)]
+pub struct Capture {
+    bg: Bg,
+    file: PathBuf,
+    ns: String,
+}
+
+/// What a [`Capture`] saw.
+#[derive(Debug, Clone, Default)]
+pub struct Captured {
+    /// Every frame of the pcap file.
+    pub frames: Vec<Vec<u8>>,
+    /// tcpdump's "packets dropped by kernel" (0 if it did not say).
+    pub dropped_by_kernel: u64,
+}
+
+impl Captured {
+    /// How many frames contain `needle`.
+    pub fn count_with(&self, needle: &[u8]) -> usize {
+        pcap::count_with(&self.frames, needle)
+    }
+}
+
+impl Capture {
+    /// Starts `tcpdump -i IFACE -w DIR/LABEL.pcap FILTER...` in `ns` (whole
+    /// frames, 8 MiB kernel buffer, immediate mode) and waits up to 10 s
+    /// until it listens.
+    pub fn start(dir: &TestDir, ns: &str, label: &str, iface: &str, filter: &[&str]) -> Capture {
+        Self::start_snap(dir, ns, label, iface, 0, filter)
+    }
+
+    /// Like [`Capture::start`], keeping the first `snaplen` bytes of each
+    /// frame (0: all). For floods: in immediate mode every slot of tcpdump's
+    /// ring is as large as the snap length, so whole-frame captures of an
+    /// offloading interface (64 KB slots) hold few frames and drop.
+    pub fn start_snap(
+        dir: &TestDir,
+        ns: &str,
+        label: &str,
+        iface: &str,
+        snaplen: u32,
+        filter: &[&str],
+    ) -> Capture {
+        let file = dir.file(&format!("{label}.pcap"));
+        let f = file.to_string_lossy().into_owned();
+        let snap = snaplen.to_string();
+        let mut args = vec![
+            "tcpdump",
+            "--immediate-mode",
+            "-n",
+            "-U",
+            "-Z",
+            "root",
+            "-s",
+            &snap,
+            "-B",
+            "8192",
+            "-i",
+            iface,
+            "-w",
+            &f,
+        ];
+        args.extend_from_slice(filter);
+        let bg = Bg::spawn_in(dir, ns, label, &args);
+        assert!(
+            wait_until(Duration::from_secs(10), || bg
+                .stderr()
+                .contains("listening on")),
+            "tcpdump in {ns} did not start: {}",
+            bg.stderr()
+        );
+        Capture {
+            bg,
+            file,
+            ns: ns.to_string(),
+        }
+    }
+
+    /// Stops tcpdump (SIGINT, 10 s deadline) and reads what it wrote.
+    pub fn stop(mut self) -> Captured {
+        let st = self.bg.stop(Signal::INT, Duration::from_secs(10));
+        let err = self.bg.stderr();
+        assert!(st.success(), "tcpdump in {}: {st} {err}", self.ns);
+        let frames = pcap::read(&self.file).unwrap_or_else(|e| panic!("{e}"));
+        let dropped_by_kernel = err
+            .lines()
+            .find(|l| l.contains("dropped by kernel"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Captured {
+            frames,
+            dropped_by_kernel,
+        }
+    }
+}
+
+/// Background traffic between two VMs: a ping series (`-i 0.1`) and an
+/// `iperf3` TCP flow from `client` to `server_ip` (served in `server`),
+/// both lasting about `secs` seconds. Its processes are [`Bg`]s: killed on
+/// drop.
+#[derive(Debug)]
+pub struct Workload {
+    ping: Bg,
+    iperf_server: Bg,
+    iperf_client: Bg,
+    secs: u32,
+}
+
+/// What a [`Workload`] measured.
+#[derive(Debug, Clone)]
+pub struct WorkloadReport {
+    /// Echo requests sent.
+    pub ping_sent: u64,
+    /// Echo replies received.
+    pub ping_received: u64,
+    /// ping's exit status was 0.
+    pub ping_ok: bool,
+    /// ping's output (for messages).
+    pub ping_output: String,
+    /// iperf3's exit status was 0.
+    pub iperf_ok: bool,
+    /// Bytes the iperf3 server received (`end.sum_received.bytes`).
+    pub iperf_bytes: u64,
+    /// iperf3's output (for messages).
+    pub iperf_output: String,
+}
+
+impl WorkloadReport {
+    /// Lost echo requests in percent (100 when none were sent).
+    pub fn ping_loss_pct(&self) -> f64 {
+        if self.ping_sent == 0 {
+            return 100.0;
+        }
+        100.0 * self.ping_sent.saturating_sub(self.ping_received) as f64 / self.ping_sent as f64
+    }
+}
+
+impl Workload {
+    /// Starts `iperf3 -s -1` in `server` (waits until it listens), then
+    /// `iperf3 -c SERVER_IP -t SECS -J` and `ping -c SECS*10 -i 0.1` in
+    /// `client`. `label` names the output files in `dir`.
+    pub fn start(
+        dir: &TestDir,
+        label: &str,
+        client: &str,
+        server: &str,
+        server_ip: &str,
+        secs: u32,
+    ) -> Workload {
+        let iperf_server = Bg::spawn_in(
+            dir,
+            server,
+            &format!("{label}-iperf-s"),
+            &["iperf3", "-s", "-1", "-p", "5201"],
+        );
+        assert!(
+            wait_tcp_listen(server, 5201, Duration::from_secs(10)),
+            "iperf3 server in {server} did not listen"
+        );
+        let t = secs.to_string();
+        let iperf_client = Bg::spawn_in(
+            dir,
+            client,
+            &format!("{label}-iperf-c"),
+            &["iperf3", "-c", server_ip, "-p", "5201", "-t", &t, "-J"],
+        );
+        let c = (secs * 10).to_string();
+        let ping = Bg::spawn_in(
+            dir,
+            client,
+            &format!("{label}-ping"),
+            &["ping", "-n", "-c", &c, "-i", "0.1", "-W", "1", server_ip],
+        );
+        Workload {
+            ping,
+            iperf_server,
+            iperf_client,
+            secs,
+        }
+    }
+
+    /// Whether the ping series and the iperf3 flow are both still running.
+    pub fn running(&mut self) -> bool {
+        self.ping.running() && self.iperf_client.running()
+    }
+
+    /// Waits (deadline: the workload's length + 20 s) for ping and iperf3
+    /// and reports what they measured.
+    pub fn finish(mut self) -> WorkloadReport {
+        let limit = Duration::from_secs(u64::from(self.secs) + 20);
+        let ping_ok = self.ping.wait(limit).success();
+        let iperf_ok = self.iperf_client.wait(limit).success();
+        // The server exits after its one test (`-1`); a failed client may
+        // leave it waiting: the drop kills it then.
+        let _ = wait_until(Duration::from_secs(5), || !self.iperf_server.running());
+        let ping_output = self.ping.stdout();
+        let (mut ping_sent, mut ping_received) = (0, 0);
+        if let Some(line) = ping_output.lines().find(|l| l.contains("transmitted")) {
+            let nums: Vec<u64> = line
+                .split(',')
+                .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+                .collect();
+            if let [sent, received, ..] = nums[..] {
+                (ping_sent, ping_received) = (sent, received);
+            }
+        }
+        let iperf_output = self.iperf_client.stdout();
+        let iperf_bytes = serde_json::from_str::<Value>(&iperf_output)
+            .ok()
+            .and_then(|j| j["end"]["sum_received"]["bytes"].as_u64())
+            .unwrap_or(0);
+        WorkloadReport {
+            ping_sent,
+            ping_received,
+            ping_ok,
+            ping_output: format!("{ping_output}{}", self.ping.stderr()),
+            iperf_ok,
+            iperf_bytes,
+            iperf_output: format!(
+                "{}{}",
+                iperf_output.chars().take(4000).collect::<String>(),
+                self.iperf_client.stderr()
+            ),
+        }
+    }
 }
 
 /// A python3 program that sends Ethernet frames on an AF_PACKET socket:

@@ -612,7 +612,7 @@ mod tests {
     #[test]
     fn overlay_mtu_is_the_dhcp_mtu_default_and_pools_split() {
         let text = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/two-hosts.toml"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/two-hosts.toml"),
         )
         .unwrap()
         .replace(

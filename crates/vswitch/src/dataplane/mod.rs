@@ -223,7 +223,9 @@ impl Snapshot {
             return Verdict::Drop(DropReason::RuntFrame);
         };
         let ing = ingress.ingress();
-        if let Err(r) = port_security::check(&ing, &key, &net.addrs) {
+        if let Err(r) = port_security::check(&ing, &key, &net.addrs)
+            .and_then(|()| port_security::check_unparsed(&ing, &key, buf.frame()))
+        {
             return Verdict::Drop(r);
         }
         if let (Some(q), L3::Ipv4(_), L4::Udp { dst_port: 67, .. }) = (&net.dhcp, &key.l3, &key.l4)

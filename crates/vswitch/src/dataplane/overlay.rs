@@ -93,7 +93,9 @@ impl Snapshot {
                 };
             }
         }
-        if let Err(r) = check_remote(&ing, &key, &net.addrs) {
+        if let Err(r) = check_remote(&ing, &key, &net.addrs)
+            .and_then(|()| crate::pipeline::port_security::check_unparsed(&ing, &key, buf.frame()))
+        {
             return Verdict::Drop(r);
         }
         if let Some((_, gw_mac)) = net.gateway {

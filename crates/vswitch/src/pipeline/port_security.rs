@@ -8,6 +8,7 @@
 //! setting, a VM never gets to act as a DHCP server (UDP source port 67).
 //! IPv6 is not bound yet.
 
+use packet::flow::Malformed;
 use packet::{FlowKey, L3, L4};
 
 use super::{Addresses, DropReason, Ingress};
@@ -66,6 +67,29 @@ pub fn check(ingress: &Ingress, key: &FlowKey, addrs: &Addresses) -> Result<(), 
         _ => {}
     }
     Ok(())
+}
+
+/// Checks what the flow key could not parse, on the frame itself: UDP
+/// with a broken length field still has its source port (no VM may be a
+/// DHCP server, whatever its UDP length says), and a frame with more VLAN
+/// tags than the parser follows hides addresses port security cannot
+/// check, so a secured port may not send it. Found by the malformed-frame
+/// corpus test.
+pub fn check_unparsed(ingress: &Ingress, key: &FlowKey, frame: &[u8]) -> Result<(), DropReason> {
+    match key.malformed {
+        Some(Malformed::UdpBadLength | Malformed::UdpTruncated)
+            if matches!(key.l3, L3::Ipv4(_)) =>
+        {
+            let l3 = usize::from(key.l3_offset);
+            let ihl = frame.get(l3).map_or(0, |b| usize::from(b & 0x0f) * 4);
+            if frame.get(l3 + ihl..l3 + ihl + 2) == Some(&DHCP_SERVER_PORT.to_be_bytes()[..]) {
+                return Err(DropReason::DhcpServerFromVm);
+            }
+            Ok(())
+        }
+        Some(Malformed::TooManyVlanTags) if ingress.port_security => Err(DropReason::L3Malformed),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -159,5 +183,41 @@ mod tests {
         assert_eq!(chk(true, &f), Err(DropReason::L3Malformed));
         let f = arp(A, 1, A, IP_A, IP_B);
         assert_eq!(chk(true, &f[..30]), Err(DropReason::L3Malformed));
+    }
+
+    #[test]
+    fn what_the_parser_could_not_read_is_still_checked() {
+        // UDP 67 -> 68 with UDP length 0: no L4 in the key, still a DHCP
+        // server, on any port.
+        let mut f = udp(A, IP_A, IP_B, 67, 68);
+        f[38] = 0;
+        f[39] = 0;
+        let k = key(&f);
+        assert_eq!(k.malformed, Some(Malformed::UdpBadLength));
+        for sec in [true, false] {
+            assert_eq!(
+                check_unparsed(&ingress(1, A, sec), &k, &f),
+                Err(DropReason::DhcpServerFromVm)
+            );
+        }
+        // Another source port with a bad length is left alone.
+        let mut g = udp(A, IP_A, IP_B, 1000, 68);
+        g[38] = 0;
+        g[39] = 0;
+        assert_eq!(check_unparsed(&ingress(1, A, true), &key(&g), &g), Ok(()));
+        // Three VLAN tags: a secured port may not send what it cannot check.
+        let mut v = f[..12].to_vec();
+        for tpid in [[0x88, 0xa8], [0x81, 0x00], [0x81, 0x00]] {
+            v.extend_from_slice(&tpid);
+            v.extend_from_slice(&[0, 100]);
+        }
+        v.extend_from_slice(&udp(A, Ipv4Addr::new(10, 9, 9, 9), IP_B, 1, 2)[12..]);
+        let kv = key(&v);
+        assert_eq!(kv.malformed, Some(Malformed::TooManyVlanTags));
+        assert_eq!(
+            check_unparsed(&ingress(1, A, true), &kv, &v),
+            Err(DropReason::L3Malformed)
+        );
+        assert_eq!(check_unparsed(&ingress(1, A, false), &kv, &v), Ok(()));
     }
 }
