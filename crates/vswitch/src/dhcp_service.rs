@@ -42,6 +42,33 @@ use crate::pipeline::{DropReason, Leased};
 
 /// Messages queued between the workers and the service.
 pub const QUEUE: usize = 1024;
+/// Messages one port may have queued at once: a VM flooding DHCP fills at
+/// most this share of the queue, never the other tenants' room.
+pub const PER_PORT: u32 = 32;
+
+/// One of a port's [`PER_PORT`] queue slots; given back when the message
+/// is handled or dropped.
+#[derive(Debug)]
+pub struct Slot(Arc<std::sync::atomic::AtomicU32>);
+
+impl Slot {
+    /// Takes a slot from `inflight`, or `None` when the port has all of
+    /// its slots in the queue.
+    pub fn take(inflight: &Arc<std::sync::atomic::AtomicU32>) -> Option<Slot> {
+        inflight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < PER_PORT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(inflight.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 /// Largest DHCP message accepted from a VM (a full 1500-byte frame's UDP
 /// payload).
 pub const MAX_MESSAGE: usize = 1472;
@@ -57,6 +84,8 @@ pub struct DhcpRequest {
     pub src_mac: MacAddr,
     /// The UDP payload.
     pub payload: Vec<u8>,
+    /// The port's queue slot, held until the message is handled.
+    pub slot: Slot,
 }
 
 /// The workers' end of the queue.
@@ -608,6 +637,19 @@ fn build_reply(nd: &NetDhcp, reply: &dhcp::Reply) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_holds_at_most_its_share_of_the_queue() {
+        let inflight = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let slots: Vec<Slot> = (0..PER_PORT)
+            .filter_map(|_| Slot::take(&inflight))
+            .collect();
+        assert_eq!(slots.len(), PER_PORT as usize);
+        assert!(Slot::take(&inflight).is_none());
+        drop(slots);
+        assert_eq!(inflight.load(Ordering::Relaxed), 0);
+        assert!(Slot::take(&inflight).is_some());
+    }
 
     #[test]
     fn overlay_mtu_is_the_dhcp_mtu_default_and_pools_split() {

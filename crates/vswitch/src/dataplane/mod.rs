@@ -27,7 +27,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use crate::capture::{PortCapture, Stage};
 use crate::clock::Timestamp;
 use crate::config::{Config, Network};
-use crate::dhcp_service::{DhcpQueue, DhcpRequest, MAX_MESSAGE};
+use crate::dhcp_service::{DhcpQueue, DhcpRequest, Slot, MAX_MESSAGE};
 use crate::fdb::PortId;
 use crate::pipeline::router::{self, Routed};
 use crate::pipeline::{
@@ -59,6 +59,8 @@ pub struct PortCounters {
     pub tx_packets: AtomicU64,
     /// Bytes written.
     pub tx_bytes: AtomicU64,
+    /// DHCP messages of this port waiting in the service's queue.
+    pub dhcp_inflight: Arc<std::sync::atomic::AtomicU32>,
     drops: [AtomicU64; DropReason::COUNT],
 }
 
@@ -234,15 +236,21 @@ impl Snapshot {
                 .udp_payload(buf.frame())
                 .filter(|p| !p.is_empty() && p.len() <= MAX_MESSAGE)
             {
-                Some(payload) => match q.submit(DhcpRequest {
-                    net: net.cfg.key(),
-                    port: ingress.id,
-                    src_mac: key.src_mac,
-                    payload: payload.to_vec(),
-                }) {
-                    Ok(()) => Verdict::Consumed,
-                    Err(r) => Verdict::Drop(r),
-                },
+                Some(payload) => {
+                    let Some(slot) = Slot::take(&ingress.counters.dhcp_inflight) else {
+                        return Verdict::Drop(DropReason::LocalServiceBusy);
+                    };
+                    match q.submit(DhcpRequest {
+                        net: net.cfg.key(),
+                        port: ingress.id,
+                        src_mac: key.src_mac,
+                        payload: payload.to_vec(),
+                        slot,
+                    }) {
+                        Ok(()) => Verdict::Consumed,
+                        Err(r) => Verdict::Drop(r),
+                    }
+                }
                 None => Verdict::Drop(DropReason::L3Malformed),
             };
         }
