@@ -36,8 +36,9 @@ def eth(dst, src, ethertype, payload, vlan=None):
     return dst + src + tag + struct.pack("!H", ethertype) + payload
 
 
-def ipv4(src, dst, proto, l4, ident=0x1234):
-    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), ident, 0x4000, 64, proto, 0, src, dst)
+def ipv4(src, dst, proto, l4, ident=0x1234, ttl=64, options=b""):
+    ihl = 5 + len(options) // 4
+    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + len(l4), ident, 0x4000, ttl, proto, 0, src, dst) + options
     h = h[:10] + struct.pack("!H", csum(h)) + h[12:]
     return h + l4
 
@@ -176,6 +177,56 @@ def gso_hdr(gso, mss, csum_mode, start=0, off=0):
     return bytes([gso | (csum_mode << 4)]) + struct.pack("<HHH", mss, start, off)
 
 
+# Router (fuzz_targets/router.rs): leg 0 10.0.0.0/24 gateway .254 (GW),
+# leg 1 10.0.2.0/24 gateway 10.0.2.1 (GW1); D 10.0.2.21 fixed, 10.0.2.99
+# and 10.0.0.77 neighbours, 10.0.2.98 an expired neighbour.
+GW1 = bytes([2, 0, 0, 0, 0, 0xF2])
+D_MAC = bytes([2, 0, 0, 0, 0, 0xD1])
+E_MAC = bytes([2, 0, 0, 0, 0, 0xE1])
+IP_GW1 = bytes([10, 0, 2, 1])
+
+
+def net1(x):
+    return bytes([10, 0, 2, x])
+
+
+def icmp_echo(ident, seq, payload, ty=8):
+    m = struct.pack("!BBHHH", ty, 0, 0, ident, seq) + payload
+    return m[:2] + struct.pack("!H", csum(m)) + m[4:]
+
+
+def routed_udp(src_mac, src_ip, dst_ip, ttl=64, gw=GW, options=b"", payload=b"routed"):
+    return eth(gw, src_mac, 0x0800, ipv4(src_ip, dst_ip, 17, udp(src_ip, dst_ip, 1000, 2000, payload), ttl=ttl,
+                                         options=options))
+
+
+def routed_echo(src_mac, src_ip, dst_ip, gw=GW, ttl=64):
+    return eth(gw, src_mac, 0x0800, ipv4(src_ip, dst_ip, 1, icmp_echo(7, 9, b"hello router"), ttl=ttl))
+
+
+def arp_reply_to(gw_mac, gw_ip, sha, spa):
+    body = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) + sha + spa + gw_mac + gw_ip
+    return eth(gw_mac, sha, 0x0806, body)
+
+
+# Capture filter (fuzz_targets/capture_filter.rs): text NUL stages
+# snaplen(3, LE) count, then [op, len(2, LE), frame] records. stages: bits
+# 0-2 rx/tx/drop, 3 filter the session, 4 detach the second session
+# half-way, 5 allow repeated offers; op: bits 0-1 stage (3: drain), 2-6
+# drop reason, 7 offer 1100 times.
+def capture_input(text, stages, snaplen, count, ops):
+    out = text.encode() + b"\0" + bytes([stages]) + struct.pack("<I", snaplen)[:3] + bytes([count])
+    for op, frame in ops:
+        out += bytes([op]) + struct.pack("<H", len(frame)) + frame
+    return out
+
+
+UDP_DNS = eth(GW, A, 0x0800, ipv4(IP_A, IP_GW, 17, udp(IP_A, IP_GW, 55, 53, b"q" * 20)))
+R1 = bytes([2, 0, 0, 0, 1, 1])
+IP_R1 = bytes([10, 0, 0, 101])
+IP_FREE = bytes([10, 0, 0, 77])
+REMOTE_R = bytes([2, 0, 0, 0, 0, 0x33])
+
 SEEDS = {
     "flow_key": {
         "tcp4": TCP4, "tcp4_vlan": TCP4_VLAN, "tcp6": TCP6_BIG[:200], "icmp4": ICMP4,
@@ -266,6 +317,69 @@ SEEDS = {
             "0001000006000000000000000000018100006408004500005012000000018100006408004500005012344000400614"
             "720a0000010a00000200010002000003e800000000c4ee1185000000005018ffff2e4e36000000220010000000000064"
             "dc052c0200000200802d344000370601000a00008c"),
+    },
+    "router": {
+        # sel: 0x01 from leg 1, 0x02 from a network without a leg, 0x04 dst
+        # MAC := ingress gateway, 0x08 frame-sized buffer, 0x80 vnet header.
+        "forward_to_d": b"\x04" + routed_udp(A, IP_A, net1(21)),
+        "forward_to_neighbour": b"\x00" + routed_udp(A, IP_A, net1(99)),
+        "resolve_unknown": b"\x00" + routed_udp(A, IP_A, net1(77)),
+        "resolve_expired_neighbour": b"\x00" + routed_udp(B, IP_B, net1(98)),
+        "back_to_leased_c": b"\x05" + routed_udp(D_MAC, net1(21), IP_C, gw=GW1),
+        "ttl_1_time_exceeded": b"\x00" + routed_udp(A, IP_A, net1(21), ttl=1),
+        "no_route": b"\x00" + routed_udp(A, IP_A, bytes([192, 168, 9, 9])),
+        "no_route_small_buffer": b"\x08" + routed_udp(A, IP_A, bytes([192, 168, 9, 9]), payload=b"x" * 600),
+        "echo_gateway": b"\x00" + routed_echo(A, IP_A, IP_GW),
+        "echo_other_gateway_small_buffer": b"\x0d" + routed_echo(D_MAC, net1(21), IP_GW, gw=GW1),
+        "icmp_error_no_error_back": b"\x00" + eth(GW, A, 0x0800, ipv4(IP_A, bytes([8, 8, 8, 8]), 1,
+                                                                      icmp_echo(0, 0, b"quoted", ty=3))),
+        "ip_options_unsupported": b"\x00" + routed_udp(A, IP_A, net1(21), options=b"\x01\x01\x01\x00"),
+        "ipv6": b"\x00" + eth(GW, A, 0x86DD, ipv6(V6A, V6B, 17, struct.pack("!HHHH", 1, 2, 10, 0) + b"v6")),
+        "tso4_forward_keeps_offload": b"\x84" + vnet_hdr(1, 1448, 34, 16, 54)
+        + with_partial_csum(eth(GW, A, 0x0800, ipv4(IP_A, net1(21), 6, tcp(IP_A, net1(21), 40000, 80, PAYLOAD))),
+                            34, 16),
+        "echo_with_offload": b"\x80" + vnet_hdr(0, 0, 34, 2, 42) + routed_echo(A, IP_A, IP_GW),
+        "vlan_forward": b"\x00" + eth(GW, A, 0x0800, ipv4(IP_A, net1(21), 17, udp(IP_A, net1(21), 5, 6, b"v")),
+                                      vlan=7),
+        "arp_reply_to_gw1": b"\x01" + arp_reply_to(GW1, IP_GW1, E_MAC, net1(99)),
+    },
+    "remote_checks": {
+        # sel: peer (bits 0-1), source MAC override (bits 2-4), extra learns
+        # (bits 5-7); sel2: IPv4/ARP source override (bits 0-2), ARP sha :=
+        # source MAC (bit 3).
+        "r1_own_address": b"\x00\x00" + eth(A, R1, 0x0800, ipv4(IP_R1, IP_A, 17, udp(IP_R1, IP_A, 1, 2, b"r1"))),
+        "free_address": b"\x01\x00" + eth(B, REMOTE_R, 0x0800, ipv4(IP_FREE, IP_B, 6, tcp(IP_FREE, IP_B, 3, 4, b"x"))),
+        "spoof_a_address": b"\x00\x01" + eth(A, REMOTE_R, 0x0800, ipv4(IP_FREE, IP_B, 17, udp(IP_FREE, IP_B, 1, 2, b""))),
+        "spoof_gateway_address": b"\x00\x04" + eth(A, REMOTE_R, 0x0800, ipv4(IP_FREE, IP_B, 17, udp(IP_FREE, IP_B, 1, 2, b""))),
+        "hijack_local_mac": b"\x04\x00" + TCP4,
+        "hijack_other_peer_mac": b"\x14\x00" + TCP4,
+        "dhcp_server": b"\x00\x00" + eth(BCAST, REMOTE_R, 0x0800, ipv4(IP_FREE, b"\xff" * 4, 17,
+                                                                       udp(IP_FREE, b"\xff" * 4, 67, 68, DISCOVER))),
+        "arp_free": b"\x02\x00" + arp(REMOTE_R, 2, REMOTE_R, IP_FREE, IP_A),
+        "arp_foreign_sha": b"\x02\x00" + arp(REMOTE_R, 1, B, IP_FREE, IP_A),
+        "arp_spoof_c_leased": b"\x00\x0b" + arp(REMOTE_R, 1, REMOTE_R, IP_FREE, IP_A),
+        "multicast_source": b"\x1c\x00" + TCP4,
+        "fill_table": b"\xe3\x06" + eth(BCAST, REMOTE_R, 0x0800, ipv4(IP_FREE, IP_B, 17, udp(IP_FREE, IP_B, 1, 2, b"f"))),
+        "runt": b"\x00\x00" + TCP4[:13],
+    },
+    "capture_filter": {
+        "tcp_port_80": capture_input("tcp port 80", 0x0F, 100, 0, [
+            (0, TCP4), (1, ARP_REQ), (2 | (9 << 2), ICMP4), (3, b""), (0, TCP4_VLAN), (0, UDP4_BIG)]),
+        "not_arp_or_icmp_count_3": capture_input("not (arp or icmp) and src net 10.0.0.0/24", 0x0F, 64, 4, [
+            (0, TCP4), (2 | (24 << 2), ICMP4), (1, UDP_DNS), (0, ARP_REQ), (0, TCP4_BIG), (0, TCP4)]),
+        "ether_vlan_ip6": capture_input("ether src host 02:00:00:00:00:01 && vlan 100 || ip6", 0x1F, 262144, 0, [
+            (0, TCP4_VLAN), (1, TCP6_BIG[:300]), (2, TCP4), (0, DHCP_FRAME)]),
+        "portrange_or_gateway": capture_input("udp dst portrange 50-60 or dst host 10.0.0.254", 0x09, 1500, 0, [
+            (0, UDP_DNS), (0, DNS_FRAME), (0, ARP_GW), (0, TCP4)]),
+        "queue_overflow": capture_input("!(tcp)", 0x21, 0, 0, [
+            (0x80, ARP_REQ), (0x80, ARP_REQ), (0x80, ARP_REQ), (0x80, ARP_REQ), (3, b""), (0, ICMP4)]),
+        "count_reached_by_losses": capture_input("icmp", 0x29, 64, 200, [
+            (0x80, ICMP4), (0x80, ICMP4), (0x80, ICMP4), (0x80, ICMP4)]),
+        "bad_host": capture_input("host banana", 0x07, 64, 0, [(0, TCP4)]),
+        "unclosed": b"(tcp or udp",
+        "too_deep": ("(" * 70 + "tcp" + ")" * 70).encode(),
+        "ipv6_host_net": capture_input("src host fd00::1 or dst net fd00::/64 and tcp src port 40000", 0x03, 64, 0, [
+            (0, TCP6_BIG[:200]), (1, TCP4)]),
     },
     "dns_answer": {
         "a_vm1": b"\x00" + DNS_Q,

@@ -183,9 +183,26 @@ pub fn route<'a>(
             _ => Routed::Drop(DropReason::ToGatewayUnhandled),
         };
     }
+    // Never routed, never answered with an error (RFC 1122 3.2.2, RFC
+    // 2644): multicast, the limited broadcast, and a subnet's own network
+    // or broadcast address.
+    if dst.is_multicast() || dst.is_broadcast() {
+        return Routed::Drop(DropReason::NoRoute);
+    }
+    // A corrupt header is not forwarded with its checksum patched.
+    if !buf
+        .frame()
+        .get(l3..l3 + 20)
+        .is_some_and(packet::checksum::verify)
+    {
+        return Routed::Drop(DropReason::L3Malformed);
+    }
     let Some(leg) = router.leg_for(dst).copied() else {
         return icmp_error(buf, key, ingress_leg, 3, 0, src);
     };
+    if leg.cidr.prefix_len() < 31 && (dst == leg.cidr.network() || dst == leg.cidr.broadcast()) {
+        return Routed::Drop(DropReason::NoRoute);
+    }
     if ip.ttl <= 1 {
         return icmp_error(buf, key, ingress_leg, 11, 0, src);
     }
@@ -251,7 +268,13 @@ fn echo_reply(buf: &mut PacketBuf, key: &FlowKey, gw_mac: MacAddr) -> bool {
         .icmpv4_echo_reply(id, seq)
         .write(&mut out, &icmp[8..])
         .is_ok();
-    ok && set_frame(buf, &out)
+    if ok && set_frame(buf, &out) {
+        // The request's offload (a partial checksum, GSO) is not the reply's.
+        buf.offload = packet::Offload::NONE;
+        true
+    } else {
+        false
+    }
 }
 
 /// Replaces `buf` with an ICMP error (`ty`/`code`) to the sender of the
@@ -532,6 +555,11 @@ mod tests {
         let o = owners();
         let n = Neighbours::default();
         let mut buf = PacketBuf::from_frame(&f);
+        // A request with a partial checksum pending: the reply has none.
+        buf.offload.csum = Some(packet::CsumOffload {
+            start: 34,
+            offset: 2,
+        });
         let r = route(
             &legs(),
             0,
@@ -542,10 +570,44 @@ mod tests {
             |_| Some(&n),
         );
         assert_eq!(r, Routed::Reply);
+        assert_eq!(buf.offload, packet::Offload::NONE);
         let k = key(buf.frame());
         assert!(matches!(k.l4, L4::Icmpv4 { ty: 0, .. }));
         assert_eq!(k.ip().unwrap().dst, IpAddr::V4(IP_A));
         assert!(buf.frame().ends_with(b"hello"));
+    }
+
+    #[test]
+    fn broadcasts_multicasts_and_corrupt_headers_are_not_routed() {
+        let o = owners();
+        let n = Neighbours::default();
+        let go = |f: &[u8]| {
+            let mut buf = PacketBuf::from_frame(f);
+            route(
+                &legs(),
+                0,
+                &key(f),
+                &mut buf,
+                Timestamp::ZERO,
+                |_| Some(&o),
+                |_| Some(&n),
+            )
+        };
+        for dst in [
+            [224, 0, 0, 5],
+            [255, 255, 255, 255],
+            [10, 0, 2, 255],
+            [10, 0, 2, 0],
+        ] {
+            assert_eq!(
+                go(&to_gw(Ipv4Addr::from(dst), 64)),
+                Routed::Drop(DropReason::NoRoute),
+                "{dst:?}"
+            );
+        }
+        let mut f = to_gw(Ipv4Addr::new(10, 0, 2, 21), 64);
+        f[14 + 10] ^= 0xff;
+        assert_eq!(go(&f), Routed::Drop(DropReason::L3Malformed));
     }
 
     #[test]
