@@ -19,13 +19,13 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::fdb::PortId;
-use crate::pipeline::DropReason;
+use crate::pipeline::{DropCounters, DropReason};
 
 /// First VTEP pseudo-port id: FDB entries at or above it point at a peer,
 /// below it at a local port.
@@ -55,19 +55,19 @@ pub struct PeerCounters {
     pub tx_packets: AtomicU64,
     /// Their bytes.
     pub tx_bytes: AtomicU64,
-    drops: [AtomicU64; DropReason::COUNT],
+    drops: DropCounters,
 }
 
 impl PeerCounters {
     /// Counts one dropped frame or datagram.
     #[inline]
     pub fn count_drop(&self, r: DropReason) {
-        self.drops[r.index()].fetch_add(1, Ordering::Relaxed);
+        self.drops.count(r);
     }
 
     /// Drops counted for `r`.
     pub fn drops(&self, r: DropReason) -> u64 {
-        self.drops[r.index()].load(Ordering::Relaxed)
+        self.drops.get(r)
     }
 }
 

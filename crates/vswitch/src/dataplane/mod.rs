@@ -31,7 +31,7 @@ use crate::dhcp_service::{DhcpQueue, DhcpRequest, Slot, MAX_MESSAGE};
 use crate::fdb::PortId;
 use crate::pipeline::router::{self, Routed};
 use crate::pipeline::{
-    arp, dns_local, port_security, Addresses, Bridge, DropReason, Ingress, Verdict,
+    arp, dns_local, port_security, Addresses, Bridge, DropCounters, DropReason, Ingress, Verdict,
 };
 use crate::tap::Tap;
 use crate::underlay::{is_vtep, PeerRt, Underlay, VTEP_BASE};
@@ -61,19 +61,19 @@ pub struct PortCounters {
     pub tx_bytes: AtomicU64,
     /// DHCP messages of this port waiting in the service's queue.
     pub dhcp_inflight: Arc<std::sync::atomic::AtomicU32>,
-    drops: [AtomicU64; DropReason::COUNT],
+    drops: DropCounters,
 }
 
 impl PortCounters {
     /// Counts one dropped frame.
     #[inline]
     pub fn count_drop(&self, r: DropReason) {
-        self.drops[r.index()].fetch_add(1, Ordering::Relaxed);
+        self.drops.count(r);
     }
 
     /// Drops counted for `r`.
     pub fn drops(&self, r: DropReason) -> u64 {
-        self.drops[r.index()].load(Ordering::Relaxed)
+        self.drops.get(r)
     }
 }
 

@@ -216,6 +216,24 @@ impl DropReason {
     }
 }
 
+/// Drops counted by reason (relaxed atomics: statistics, not
+/// synchronisation); ports and peers each have one.
+#[derive(Debug, Default)]
+pub struct DropCounters([std::sync::atomic::AtomicU64; DropReason::COUNT]);
+
+impl DropCounters {
+    /// Counts one drop for `r`.
+    #[inline]
+    pub fn count(&self, r: DropReason) {
+        self.0[r.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops counted for `r`.
+    pub fn get(&self, r: DropReason) -> u64 {
+        self.0[r.index()].load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Where a frame goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -418,22 +418,20 @@ mod tests {
         let n = Neighbours::default();
         let f = to_gw(d_ip, 64);
         let o0 = owners();
-        let mut buf = PacketBuf::from_frame(&f);
-        let r = route(
-            &legs(),
-            0,
-            &key(&f),
-            &mut buf,
-            Timestamp::ZERO,
-            |i| {
-                if i == 0 {
-                    Some(&o0)
-                } else {
-                    Some(&o1)
-                }
-            },
-            |_| Some(&n),
-        );
+        let go = |f: &[u8]| {
+            let mut buf = PacketBuf::from_frame(f);
+            let r = route(
+                &legs(),
+                0,
+                &key(f),
+                &mut buf,
+                Timestamp::ZERO,
+                |i| if i == 0 { Some(&o0) } else { Some(&o1) },
+                |_| Some(&n),
+            );
+            (r, buf)
+        };
+        let (r, buf) = go(&f);
         assert_eq!(r, Routed::Forward { net: 1, dst: D });
         let out = buf.frame();
         assert_eq!(&out[0..6], &D.0);
@@ -442,22 +440,7 @@ mod tests {
         assert!(packet::checksum::verify(&out[14..34]), "IP header checksum");
         // TTL 1: time exceeded back to the sender, from the gateway.
         let f = to_gw(d_ip, 1);
-        let mut buf = PacketBuf::from_frame(&f);
-        let r = route(
-            &legs(),
-            0,
-            &key(&f),
-            &mut buf,
-            Timestamp::ZERO,
-            |i| {
-                if i == 0 {
-                    Some(&o0)
-                } else {
-                    Some(&o1)
-                }
-            },
-            |_| Some(&n),
-        );
+        let (r, buf) = go(&f);
         assert_eq!(r, Routed::Reply);
         let k = key(buf.frame());
         assert!(
@@ -475,22 +458,7 @@ mod tests {
         assert_eq!(k.ip().unwrap().src, IpAddr::V4(IP_GW));
         // No route: network unreachable.
         let f = to_gw(Ipv4Addr::new(192, 168, 9, 9), 64);
-        let mut buf = PacketBuf::from_frame(&f);
-        let r = route(
-            &legs(),
-            0,
-            &key(&f),
-            &mut buf,
-            Timestamp::ZERO,
-            |i| {
-                if i == 0 {
-                    Some(&o0)
-                } else {
-                    Some(&o1)
-                }
-            },
-            |_| Some(&n),
-        );
+        let (r, buf) = go(&f);
         assert_eq!(r, Routed::Reply);
         assert!(matches!(
             key(buf.frame()).l4,
@@ -498,22 +466,7 @@ mod tests {
         ));
         // Unknown owner: an ARP request from the destination's gateway.
         let f = to_gw(Ipv4Addr::new(10, 0, 2, 99), 64);
-        let mut buf = PacketBuf::from_frame(&f);
-        let r = route(
-            &legs(),
-            0,
-            &key(&f),
-            &mut buf,
-            Timestamp::ZERO,
-            |i| {
-                if i == 0 {
-                    Some(&o0)
-                } else {
-                    Some(&o1)
-                }
-            },
-            |_| Some(&n),
-        );
+        let (r, buf) = go(&f);
         assert_eq!(r, Routed::Resolve { net: 1 });
         let k = key(buf.frame());
         let L3::Arp(a) = k.l3 else { panic!("{k:?}") };
@@ -525,22 +478,7 @@ mod tests {
         reply[0..6].copy_from_slice(&GW2.0);
         let (ip, mac) = arp_reply_for_gateway(&key(&reply), &leg).unwrap();
         n.learn(ip, mac, Timestamp::ZERO);
-        let mut buf = PacketBuf::from_frame(&f);
-        let r = route(
-            &legs(),
-            0,
-            &key(&f),
-            &mut buf,
-            Timestamp::ZERO,
-            |i| {
-                if i == 0 {
-                    Some(&o0)
-                } else {
-                    Some(&o1)
-                }
-            },
-            |_| Some(&n),
-        );
+        let (r, _) = go(&f);
         assert_eq!(r, Routed::Forward { net: 1, dst: D });
     }
 
