@@ -331,8 +331,11 @@ pub(super) fn poll_underlay(
     let mut current: Option<(PortId, usize)> = None;
     for _ in 0..RX_ROUNDS {
         let n = {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                o.slots.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+            // On the stack: no allocation per receive round.
+            let mut slots = o.slots.iter_mut();
+            let mut slices: [IoSliceMut<'_>; RX_SLOTS] = std::array::from_fn(|_| {
+                IoSliceMut::new(slots.next().map_or(&mut [][..], |s| s.as_mut_slice()))
+            });
             match ul.recv(idx, &mut slices, &mut o.meta) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
