@@ -299,11 +299,11 @@ fn corpus_name_ok(path: &Path) -> bool {
         return false;
     };
     let b = stem.as_bytes();
-    b.len() > 3
-        && b[0].is_ascii_digit()
-        && b[1].is_ascii_digit()
-        && b[2] == b'-'
-        && b[3..]
+    let digits = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    (2..=3).contains(&digits)
+        && b.len() > digits + 1
+        && b[digits] == b'-'
+        && b[digits + 1..]
             .iter()
             .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
 }
@@ -337,8 +337,11 @@ fn every_bad_config_in_the_corpus_is_refused_with_file_item_and_fix() {
         let mut problems = Vec::new();
         if !corpus_name_ok(path) {
             problems.push("file name is not NN-short-name.toml".to_string());
-        } else if !numbers.insert(name[..2].to_string()) {
-            problems.push(format!("number {} is used twice", &name[..2]));
+        } else if !numbers.insert(name.split('-').next().unwrap_or_default().to_string()) {
+            problems.push(format!(
+                "number {} is used twice",
+                name.split('-').next().unwrap_or_default()
+            ));
         }
         if h.expect.is_empty() {
             problems.push("no `# expect:` line".into());

@@ -78,7 +78,7 @@
 //!   ([`ConnKey::reverse`]); both go into one `HashMap<ConnKey, (slot,
 //!   dir)>`, so a lookup of either direction is one hash probe and yields
 //!   the direction. Two keys rather than a direction-free canonical key
-//!   because NAT will give entries a reply key that is not the reverse of
+//!   because NAT gives entries a reply key that is not the reverse of
 //!   the original. The hasher is std's SipHash-1-3 with per-table random
 //!   keys: keys come from tenants, and a table of a million entries must
 //!   not be open to hash flooding.
@@ -102,7 +102,21 @@
 //!   (`()` by default): NAT can keep its mapping and the load balancer its
 //!   backend in the entry without a second table. [`Conntrack::ext_mut`]
 //!   changes it; [`Conntrack::expire_with`] hands it back when an entry is
-//!   reaped.
+//!   reaped and [`Conntrack::remove`] returns it. Entries also leave by
+//!   paths that cannot hand anything back (an expired entry met by a
+//!   lookup, a TCP entry reopened by a SYN, `flush_*`, `clear`, the reaping
+//!   before a cap refuses): with [`Conntrack::set_collect_removed`] those
+//!   are queued and [`Conntrack::drain_removed`] takes them, so a user
+//!   whose `E` holds resources (NAT's ports) releases them whichever way an
+//!   entry went. A queue rather than a callback stored in the table: the
+//!   user releases into its own state, which it cannot lend the table
+//!   while calling it.
+//! * **Translated reply keys.** [`Conntrack::commit_with_reply`] inserts an
+//!   entry whose reply key is not the reverse of the original (NAT: other
+//!   zone, addresses, ports). An ICMP error quoting a packet *after* its
+//!   translation quotes the reverse of one of the entry's keys;
+//!   `track` looks the quote up as is, then reversed, so such errors are
+//!   [`Track::Related`] with the direction they travel.
 //!
 //! # What it is not
 //!
@@ -110,9 +124,10 @@
 //! with every call. No locking: one table per worker or the caller's lock.
 //! No IP reassembly (later fragments are untracked), no full TCP window
 //! tracking (only RST is checked, loosely), no mid-stream pick-up of TCP
-//! connections, no helpers (FTP, SIP), no expectations, no NAT (the entry
-//! leaves room for it). `flush_port`, `flush_zone` and `entries` walk the
-//! table and belong to the control plane. Every function takes untrusted
+//! connections, no helpers (FTP, SIP), no expectations, no packet
+//! rewriting (the `nat` crate does it with a translated reply key).
+//! `flush_port`, `flush_zone`, `entries` and `all_keys` walk the table and
+//! belong to the control plane. Every function takes untrusted
 //! frames and never panics on them.
 
 #![forbid(unsafe_code)]

@@ -64,8 +64,9 @@ pub struct ImportReport {
     pub refused_global: usize,
     /// Entries skipped by `max_per_port`.
     pub refused_port: usize,
-    /// Entries skipped as inconsistent (keys of different zones or
-    /// families, protocol state not matching the protocol).
+    /// Entries skipped as inconsistent (keys of different protocols or
+    /// families, protocol state not matching the protocol). Keys of
+    /// different zones are fine: NAT gives the reply key another zone.
     pub rejected: usize,
 }
 
@@ -93,7 +94,7 @@ fn consistent<E>(s: &SavedEntry<E>) -> bool {
             !o.is_icmp() && !matches!(o.proto, packet::flow::proto::TCP | packet::flow::proto::UDP)
         }
     };
-    o.zone == r.zone && o.proto == r.proto && same_family && proto_ok
+    o.proto == r.proto && same_family && proto_ok
 }
 
 impl<E: Clone> Conntrack<E> {

@@ -96,7 +96,9 @@ pub struct EntryView<'a, E> {
     pub ext: &'a E,
 }
 
-/// An entry taken out of the table by [`Conntrack::expire_with`].
+/// An entry taken out of the table: handed to the callback of
+/// [`Conntrack::expire_with`], or queued for [`Conntrack::drain_removed`]
+/// when the table collects removals ([`Conntrack::set_collect_removed`]).
 #[derive(Debug)]
 pub struct Removed<E> {
     /// Handle it had.
@@ -132,6 +134,11 @@ pub struct Conntrack<E = ()> {
     per_port: HashMap<u32, u32>,
     len: usize,
     stats: Stats,
+    /// Whether entries that leave by a path without a hand-back are queued
+    /// in `removed` ([`Conntrack::set_collect_removed`]).
+    collect: bool,
+    /// Removed entries not drained yet; empty unless `collect`.
+    removed: Vec<Removed<E>>,
 }
 
 enum Lookup {
@@ -176,7 +183,34 @@ impl<E> Conntrack<E> {
             per_port: HashMap::new(),
             len: 0,
             stats: Stats::default(),
+            collect: false,
+            removed: Vec::new(),
         })
+    }
+
+    /// Makes every entry that leaves the table without handing its data
+    /// back queue it for [`Conntrack::drain_removed`]: an expired entry met
+    /// by `track`/`commit`/`import` or reaped by [`Conntrack::expire`] (also
+    /// the reaping a cap does before refusing), a TCP entry reopened by a
+    /// SYN, `flush_*` and `clear`. Only [`Conntrack::remove`] (returns the
+    /// data) and [`Conntrack::expire_with`] (hands it to the callback) do
+    /// not queue. Off by default; a user whose `E` holds resources (NAT's
+    /// ports) turns it on and drains after every call into the table, which
+    /// keeps the queue as short as the entries one call removes. Turning it
+    /// off keeps what is queued until drained.
+    pub fn set_collect_removed(&mut self, on: bool) {
+        self.collect = on;
+    }
+
+    /// Takes the queued removed entries (see
+    /// [`Conntrack::set_collect_removed`]), oldest first.
+    pub fn drain_removed(&mut self) -> impl Iterator<Item = Removed<E>> + '_ {
+        self.removed.drain(..)
+    }
+
+    /// Removed entries queued and not drained.
+    pub fn removed_pending(&self) -> usize {
+        self.removed.len()
     }
 
     /// The configuration.
@@ -393,12 +427,24 @@ impl<E> Conntrack<E> {
         })
     }
 
+    /// Removes an entry whose data nobody asked for: queued when the table
+    /// collects removals, dropped otherwise.
+    fn discard(&mut self, slot: u32, why: Why) -> bool {
+        let Some(r) = self.remove_slot(slot, why) else {
+            return false;
+        };
+        if self.collect {
+            self.removed.push(r);
+        }
+        true
+    }
+
     /// The live entry for `key`; an expired one is removed and ignored.
     fn find_live(&mut self, key: &ConnKey, now: u64) -> Option<Ref> {
         let r = *self.index.get(key)?;
         let expired = !matches!(self.entry(r.slot), Some(e) if e.deadline > now);
         if expired {
-            self.remove_slot(r.slot, Why::Expired);
+            self.discard(r.slot, Why::Expired);
             return None;
         }
         Some(r)
@@ -513,7 +559,7 @@ impl<E> Conntrack<E> {
                 }
                 TcpStep::Invalid(r) => return Track::Invalid(r),
                 TcpStep::Reopen => {
-                    self.remove_slot(slot, Why::Removed);
+                    self.discard(slot, Why::Removed);
                 }
             }
         }
@@ -554,8 +600,19 @@ impl<E> Conntrack<E> {
         let Ok(q) = quoted_key(zone, key.l4_bytes(frame), v6) else {
             return Track::Invalid(Invalid::IcmpErrorBadQuote);
         };
-        let Some(r) = self.find_live(&q, now) else {
-            return Track::Invalid(Invalid::IcmpErrorNoMatch);
+        // Direct: the quote is a key of the entry as the quoted packet
+        // carried it when it went direction X, so the error travels back
+        // the other way, X.flip(). Reverse: behind an address translation
+        // the quote is the *translated* form of a packet that went
+        // direction Y.flip(), which is the reverse of the key of direction
+        // Y (the packet was rewritten to look like the reverse of the
+        // other direction's key); the error travels Y.
+        let (r, dir) = match self.find_live(&q, now) {
+            Some(r) => (r, r.dir.flip()),
+            None => match self.find_live(&q.reverse(), now) {
+                Some(r) => (r, r.dir),
+                None => return Track::Invalid(Invalid::IcmpErrorNoMatch),
+            },
         };
         // The error goes back to whoever sent the quoted packet.
         if q.src != outer_dst {
@@ -563,7 +620,7 @@ impl<E> Conntrack<E> {
         }
         Track::Related {
             id: self.id(r.slot),
-            dir: r.dir.flip(),
+            dir,
         }
     }
 
@@ -575,8 +632,28 @@ impl<E> Conntrack<E> {
     /// [`REAP_ON_LIMIT`] expired entries) or when one of the connection's
     /// keys already has a live entry.
     pub fn commit(&mut self, new: &NewConn, now: u64, ext: E) -> Result<ConnId, CommitError> {
+        self.commit_with_reply(new, new.key.reverse(), now, ext)
+    }
+
+    /// [`Conntrack::commit`] with an explicit reply key: what a packet
+    /// travelling the other way carries after an address translation (NAT
+    /// gives `reply` another zone, addresses and ports). Packets carrying
+    /// `reply` are then [`Dir::Reply`] of this entry, and ICMP errors
+    /// quoting the reverse of either key are [`Track::Related`].
+    ///
+    /// `reply` should have the protocol and address family of the original
+    /// key (the caller's invariant: an entry mixing them is kept, but its
+    /// state machine would see the other direction's packets as another
+    /// protocol and snapshots reject it). Fails like `commit`, including
+    /// [`CommitError::Exists`] when `reply` is already a live key.
+    pub fn commit_with_reply(
+        &mut self,
+        new: &NewConn,
+        reply: ConnKey,
+        now: u64,
+        ext: E,
+    ) -> Result<ConnId, CommitError> {
         let orig = new.key;
-        let reply = orig.reverse();
         for k in [orig, reply] {
             if let Some(r) = self.find_live(&k, now) {
                 self.stats.commit_exists += 1;
@@ -694,7 +771,7 @@ impl<E> Conntrack<E> {
             .collect();
         victims
             .into_iter()
-            .filter(|&s| self.remove_slot(s, Why::Removed).is_some())
+            .filter(|&s| self.discard(s, Why::Removed))
             .count()
     }
 
@@ -707,9 +784,11 @@ impl<E> Conntrack<E> {
         self.remove_where(|e| e.port == port)
     }
 
-    /// Removes every entry of `zone`. O(table): control plane only.
+    /// Removes every entry with a key in `zone` (either key: a NAT entry's
+    /// reply key may be in another zone than its original key). O(table):
+    /// control plane only.
     pub fn flush_zone(&mut self, zone: u32) -> usize {
-        self.remove_where(|e| e.orig.zone == zone)
+        self.remove_where(|e| e.orig.zone == zone || e.reply.zone == zone)
     }
 
     /// Removes every entry.
@@ -721,39 +800,64 @@ impl<E> Conntrack<E> {
     /// number removed. Work is bounded by `max` (each step looks at the
     /// heads of the eight class lists; nothing is scanned). An entry is
     /// reaped at most [`MAX_REFRESH_GRANULARITY_NS`] after its deadline once
-    /// the control plane calls this often enough.
+    /// the control plane calls this often enough. Reaped entries are
+    /// queued when the table collects removals
+    /// ([`Conntrack::set_collect_removed`]).
     pub fn expire(&mut self, now: u64, max: usize) -> usize {
-        self.expire_with(now, max, |_| {})
+        let mut n = 0;
+        while n < max {
+            let Some(slot) = self.due(now) else { break };
+            self.discard(slot, Why::Expired);
+            n += 1;
+        }
+        n
     }
 
     /// [`Conntrack::expire`], handing every reaped entry (with its user
-    /// data) to `f`: NAT releases its mapping here.
+    /// data) to `f` instead of the removal queue.
     ///
-    /// Entries also leave without passing through `f`: [`Conntrack::remove`]
-    /// returns the data; `flush_*`/`clear`, an expired entry met by
-    /// `track`/`commit`/`import` (its key is needed again), and a TCP entry
-    /// reopened by a SYN drop it. A user whose `E` holds resources must
-    /// account for those (or call `expire_with` often enough that entries
-    /// are reaped here first).
+    /// Entries also leave by other paths: [`Conntrack::remove`] returns the
+    /// data; `flush_*`/`clear`, an expired entry met by
+    /// `track`/`commit`/`import` (its key is needed again), the reaping a
+    /// cap does, and a TCP entry reopened by a SYN drop it, or queue it for
+    /// [`Conntrack::drain_removed`] when the table collects removals. A user
+    /// whose `E` holds resources turns collection on
+    /// ([`Conntrack::set_collect_removed`]).
     pub fn expire_with(&mut self, now: u64, max: usize, mut f: impl FnMut(Removed<E>)) -> usize {
         let mut n = 0;
         while n < max {
-            let head = self
-                .lists
-                .iter()
-                .filter_map(|l| self.entry(l.head).map(|e| (e.deadline, l.head)))
-                .min();
-            match head {
-                Some((deadline, slot)) if deadline <= now => {
-                    if let Some(r) = self.remove_slot(slot, Why::Expired) {
-                        f(r);
-                    }
-                    n += 1;
-                }
-                _ => break,
+            let Some(slot) = self.due(now) else { break };
+            if let Some(r) = self.remove_slot(slot, Why::Expired) {
+                f(r);
             }
+            n += 1;
         }
         n
+    }
+
+    /// The slot at a list head with the earliest deadline, if that deadline
+    /// has passed.
+    fn due(&self, now: u64) -> Option<u32> {
+        self.lists
+            .iter()
+            .filter_map(|l| self.entry(l.head).map(|e| (e.deadline, l.head)))
+            .min()
+            .and_then(|(deadline, slot)| (deadline <= now).then_some(slot))
+    }
+
+    /// Every entry's handle, keys and user data, including expired entries
+    /// not reaped yet (which still hold whatever their data accounts for),
+    /// in slot order: for rebuilding state derived from the table after an
+    /// import. O(table).
+    pub fn all_keys(&self) -> impl Iterator<Item = (ConnId, &ConnKey, &ConnKey, &E)> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            let e = s.entry.as_ref()?;
+            let id = ConnId {
+                slot: u32::try_from(i).ok()?,
+                gen: s.gen,
+            };
+            Some((id, &e.orig, &e.reply, &e.ext))
+        })
     }
 
     // ---- snapshot support ---------------------------------------------

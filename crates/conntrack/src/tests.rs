@@ -1471,6 +1471,346 @@ fn self_connection_key() {
     h.ct.check_invariants().expect("invariants");
 }
 
+// ---- translated reply keys (NAT), removal queue ----------------------------------
+
+const E4: [u8; 4] = [203, 0, 113, 2];
+const EXT: u32 = 0;
+
+/// A frame between any two IPv4 endpoints: TCP with flags `f`, UDP, or an
+/// ICMP echo request/reply (`sp` is then the identifier).
+#[derive(Clone, Copy)]
+enum P {
+    Tcp(u32, F),
+    Udp,
+    Echo(bool),
+}
+
+fn any4(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, p: P) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64);
+    let mut out = Vec::new();
+    match p {
+        P::Tcp(seq, f) => {
+            let mut b = ip.tcp(sp, dp, seq, 1000);
+            if f.syn {
+                b = b.syn();
+            }
+            if let Some(a) = f.ack {
+                b = b.ack(a);
+            }
+            if f.fin {
+                b = b.fin();
+            }
+            if f.rst {
+                b = b.rst();
+            }
+            b.write(&mut out, &[])
+        }
+        P::Udp => ip.udp(sp, dp).write(&mut out, &[0; 10]),
+        P::Echo(req) => {
+            let h = IcmpEchoHeader { id: sp, seq: 1 };
+            let ty = if req {
+                Icmpv4Type::EchoRequest(h)
+            } else {
+                Icmpv4Type::EchoReply(h)
+            };
+            ip.icmpv4(ty).write(&mut out, &[0; 8])
+        }
+    }
+    .expect("build");
+    out
+}
+
+fn key4(zone: u32, src: [u8; 4], dst: [u8; 4], proto: u8, sp: u16, dp: u16) -> ConnKey {
+    ConnKey {
+        zone,
+        src: IpAddr::from(src),
+        dst: IpAddr::from(dst),
+        proto,
+        src_port: sp,
+        dst_port: dp,
+    }
+}
+
+impl H {
+    /// Commits `frame` from `zone` with an explicit reply key.
+    fn open_nat(&mut self, zone: u32, frame: &[u8], reply: ConnKey) -> ConnId {
+        match self.send_on(zone, PORT, frame) {
+            Track::New(n) => {
+                let id = self
+                    .ct
+                    .commit_with_reply(&n, reply, self.now, ())
+                    .expect("commit");
+                self.ct.check_invariants().expect("invariants");
+                id
+            }
+            t => panic!("expected New, got {t:?}"),
+        }
+    }
+}
+
+#[test]
+fn commit_with_reply_tcp_handshake_across_zones() {
+    let mut h = H::new();
+    // A:40000 -> B:80 in zone 7, answered to E:50000 -> B:80 in zone 0.
+    let reply = key4(EXT, B4, E4, 6, 80, 50000);
+    let id = h.open_nat(ZONE, &any4(A4, B4, 40000, 80, P::Tcp(100, syn())), reply);
+    let e = h.ct.get(id, h.now).expect("live");
+    assert_eq!(e.reply, reply);
+    assert_eq!(e.orig, key4(ZONE, A4, B4, 6, 40000, 80));
+    // The SYN-ACK carries the reply key, in zone 0.
+    let sa = any4(B4, E4, 80, 50000, P::Tcp(500, synack(101)));
+    assert_eq!(
+        h.send_on(EXT, PORT, &sa),
+        Track::Established {
+            id,
+            dir: Dir::Reply
+        }
+    );
+    // The untranslated reverse (zone 7, B -> A) is not a key of the entry.
+    let plain = any4(B4, A4, 80, 40000, P::Tcp(500, synack(101)));
+    assert_eq!(
+        h.send_on(ZONE, PORT, &plain),
+        Track::Invalid(Invalid::TcpNotSyn)
+    );
+    h.est(
+        &any4(A4, B4, 40000, 80, P::Tcp(101, ack(501))),
+        id,
+        Dir::Original,
+    );
+    assert_eq!(h.tcp_state(id), TcpState::Established);
+    // A RST from the far side (in window) closes it.
+    let r = any4(B4, E4, 80, 50000, P::Tcp(501, rst()));
+    assert_eq!(
+        h.send_on(EXT, PORT, &r),
+        Track::Established {
+            id,
+            dir: Dir::Reply
+        }
+    );
+    assert_eq!(h.tcp_state(id), TcpState::Close);
+}
+
+#[test]
+fn commit_with_reply_checks_both_keys() {
+    let mut h = H::new();
+    let reply = key4(EXT, B4, E4, 17, 53, 50000);
+    let id = h.open_nat(ZONE, &any4(A4, B4, 5000, 53, P::Udp), reply);
+    // Another inside flow that would get the same reply key.
+    let Track::New(n) = h.send(&any4(B4, A4, 5001, 53, P::Udp)) else {
+        panic!()
+    };
+    assert_eq!(
+        h.ct.commit_with_reply(&n, reply, h.now, ()),
+        Err(CommitError::Exists(id))
+    );
+    // A reply key equal to a live original key is taken too.
+    let orig_of_first = key4(ZONE, A4, B4, 17, 5000, 53);
+    assert_eq!(
+        h.ct.commit_with_reply(&n, orig_of_first, h.now, ()),
+        Err(CommitError::Exists(id))
+    );
+    assert_eq!(h.ct.stats().commit_exists, 2);
+    // commit() is commit_with_reply(reverse).
+    let id2 = h.ct.commit(&n, h.now, ()).expect("commit");
+    let e = h.ct.get(id2, h.now).expect("live");
+    assert_eq!(e.reply, e.orig.reverse());
+    h.ct.check_invariants().expect("invariants");
+}
+
+#[test]
+fn commit_with_reply_icmp_identifier_mapped() {
+    let mut h = H::new();
+    // Echo request id 77 leaves as id 9000; the reply key is the reverse of
+    // (0, E -> B, id 9000, type 8): (0, B -> E, id 9000, type 0).
+    let out = key4(EXT, E4, B4, 1, 9000, 8);
+    let reply = out.reverse();
+    assert_eq!(reply, key4(EXT, B4, E4, 1, 9000, 0));
+    let id = h.open_nat(ZONE, &any4(A4, B4, 77, 0, P::Echo(true)), reply);
+    assert_eq!(
+        h.send_on(EXT, PORT, &any4(B4, E4, 9000, 0, P::Echo(false))),
+        Track::Established {
+            id,
+            dir: Dir::Reply
+        }
+    );
+    assert_eq!(h.state(id), ConnState::Icmp { replied: true });
+    // The old identifier is no reply.
+    assert_eq!(
+        h.send_on(EXT, PORT, &any4(B4, E4, 77, 0, P::Echo(false))),
+        Track::Invalid(Invalid::IcmpReplyNoRequest)
+    );
+}
+
+#[test]
+fn related_by_reversed_quote() {
+    let mut h = H::new();
+    let reply = key4(EXT, B4, E4, 17, 53, 50000);
+    let id = h.open_nat(ZONE, &any4(A4, B4, 5000, 53, P::Udp), reply);
+    // Outside, the datagram carried E:50000 -> B:53; the error quotes that
+    // and goes to E: the reverse of the quote is the reply key, so the
+    // error travels in the reply direction.
+    let q = quoted_udp4(E4, B4, 50000, 53);
+    let rel = Track::Related {
+        id,
+        dir: Dir::Reply,
+    };
+    assert_eq!(h.send_on(EXT, PORT, &icmp4_unreach(B4, E4, &q)), rel);
+    assert_eq!(h.send_on(EXT, PORT, &icmp4_unreach(R4, E4, &q)), rel);
+    // The address check applies to the reversed case too.
+    assert_eq!(
+        h.send_on(EXT, PORT, &icmp4_unreach(R4, A4, &q)),
+        Track::Invalid(Invalid::IcmpErrorAddrMismatch)
+    );
+    // Inside, A got B:53 -> A:5000; its error about that goes to B in the
+    // original direction.
+    let qi = quoted_udp4(B4, A4, 53, 5000);
+    assert_eq!(
+        h.send_on(ZONE, PORT, &icmp4_unreach(A4, B4, &qi)),
+        Track::Related {
+            id,
+            dir: Dir::Original
+        }
+    );
+    // Another zone sees nothing.
+    assert_eq!(
+        h.send_on(9, PORT, &icmp4_unreach(B4, E4, &q)),
+        Track::Invalid(Invalid::IcmpErrorNoMatch)
+    );
+    // An echo request quoted after its identifier was mapped.
+    let reply = key4(EXT, E4, B4, 1, 9000, 8).reverse();
+    let eid = h.open_nat(ZONE, &any4(A4, B4, 77, 0, P::Echo(true)), reply);
+    let e = any4(E4, B4, 9000, 0, P::Echo(true));
+    assert_eq!(
+        h.send_on(EXT, PORT, &icmp4_unreach(R4, E4, &e[14..])),
+        Track::Related {
+            id: eid,
+            dir: Dir::Reply
+        }
+    );
+    assert_eq!(h.ct.stats().related, 4);
+}
+
+/// Drains the queue into the source ports of the original keys.
+fn drained(h: &mut H) -> Vec<u16> {
+    h.ct.drain_removed().map(|r| r.orig.src_port).collect()
+}
+
+#[test]
+fn removal_queue_covers_every_path_but_remove_and_expire_with() {
+    let mut h = H::with(Config {
+        max_entries: 4,
+        ..Config::default()
+    });
+    // Off by default.
+    h.open(&udp_from(1));
+    h.ct.clear();
+    assert_eq!(h.ct.removed_pending(), 0);
+    h.ct.set_collect_removed(true);
+
+    // Expired entry met by a lookup.
+    h.open(&udp_from(2));
+    h.now += secs(121);
+    assert!(matches!(h.send(&udp_from(2)), Track::New(_)));
+    assert_eq!(drained(&mut h), vec![2]);
+    assert_eq!(h.ct.stats().expired, 1);
+
+    // expire() queues; expire_with() hands to the callback only.
+    h.open(&udp_from(3));
+    h.open(&udp_from(4));
+    h.now += secs(121);
+    assert_eq!(h.ct.expire(h.now, 1), 1);
+    let mut seen = Vec::new();
+    assert_eq!(
+        h.ct.expire_with(h.now, 10, |r| seen.push(r.orig.src_port)),
+        1
+    );
+    assert_eq!(drained(&mut h), vec![3]);
+    assert_eq!(seen, vec![4]);
+
+    // remove() returns the data and queues nothing.
+    let id = h.open(&udp_from(5));
+    assert_eq!(h.ct.remove(id), Some(()));
+    assert_eq!(h.ct.removed_pending(), 0);
+
+    // flush_port, flush_zone (by either key), clear.
+    h.open_on(ZONE, 2, &udp_from(6));
+    h.open_on(ZONE, 3, &udp_from(7));
+    assert_eq!(h.ct.flush_port(2), 1);
+    assert_eq!(drained(&mut h), vec![6]);
+    h.open_nat(ZONE, &udp_from(8), key4(12, B4, E4, 17, 53, 8));
+    assert_eq!(h.ct.flush_zone(12), 1);
+    assert_eq!(drained(&mut h), vec![8]);
+    assert_eq!(h.ct.clear(), 1);
+    assert_eq!(drained(&mut h), vec![7]);
+
+    // A TCP entry reopened by a SYN.
+    let tid = h.established(false);
+    h.est(&tcp4(true, 101, rst(), 0), tid, Dir::Original);
+    assert!(matches!(h.send(&tcp4(true, 900, syn(), 0)), Track::New(_)));
+    assert_eq!(drained(&mut h), vec![CPORT]);
+
+    // The reaping before a cap refuses.
+    for p in 10..14 {
+        h.open(&udp_from(p));
+    }
+    h.now += secs(121);
+    assert!(matches!(h.send(&udp_from(20)), Track::New(_)));
+    assert_eq!(drained(&mut h).len(), REAP_ON_LIMIT.min(4));
+
+    // Import meeting an expired entry with the same key.
+    let mut h2 = H::new();
+    h2.ct.set_collect_removed(true);
+    h2.open(&udp_from(30));
+    let snap = h2.ct.export(h2.now);
+    h2.now += secs(121);
+    let rep = h2.ct.import(snap, h2.now).expect("import");
+    assert_eq!(rep.imported, 1);
+    assert_eq!(drained(&mut h2), vec![30]);
+
+    // Off again: nothing more is queued.
+    h.ct.set_collect_removed(false);
+    h.ct.clear();
+    assert_eq!(h.ct.removed_pending(), 0);
+    h.ct.check_invariants().expect("invariants");
+}
+
+#[test]
+fn all_keys_includes_expired_entries() {
+    let mut h = H::new();
+    let id = h.open_nat(ZONE, &udp_from(1), key4(EXT, B4, E4, 17, 53, 9));
+    h.now += secs(1000);
+    assert_eq!(h.ct.entries(h.now).count(), 0);
+    let all: Vec<_> = h.ct.all_keys().map(|(i, o, r, _)| (i, *o, *r)).collect();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].0, id);
+    assert_eq!(all[0].2, key4(EXT, B4, E4, 17, 53, 9));
+}
+
+#[test]
+fn snapshot_keeps_translated_entries() {
+    let mut h = H::new();
+    let reply = key4(EXT, B4, E4, 6, 80, 50000);
+    let id = h.open_nat(ZONE, &any4(A4, B4, 40000, 80, P::Tcp(100, syn())), reply);
+    let sa = any4(B4, E4, 80, 50000, P::Tcp(500, synack(101)));
+    assert!(matches!(
+        h.send_on(EXT, PORT, &sa),
+        Track::Established { .. }
+    ));
+    let json = serde_json::to_string(&h.ct.export(h.now)).expect("ser");
+    let back: Snapshot<()> = serde_json::from_str(&json).expect("de");
+    let mut h2 = H::new();
+    let rep = h2.ct.import(back, h2.now).expect("import");
+    assert_eq!((rep.imported, rep.rejected), (1, 0));
+    let ack = any4(A4, B4, 40000, 80, P::Tcp(101, ack(501)));
+    let Track::Established { id: id2, dir } = h2.send_on(ZONE, PORT, &ack) else {
+        panic!()
+    };
+    assert_eq!(dir, Dir::Original);
+    assert_eq!(h2.tcp_state(id2), TcpState::Established);
+    assert_eq!(h2.ct.get(id2, h2.now).expect("live").reply, reply);
+    let _ = id;
+}
+
 // ---- property tests ---------------------------------------------------------------
 
 #[derive(Debug, Clone)]

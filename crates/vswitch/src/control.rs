@@ -45,6 +45,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<String>,
     },
+    /// Tracked connections (NAT's conntrack table).
+    Conntrack {
+        /// Only connections of this tenant.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tenant: Option<String>,
+    },
+    /// This host's uplink, NAT rules, mappings and counters.
+    Nat {},
     /// Packet capture at a port: after the answer line the connection
     /// carries a pcapng stream until `count` frames were sent or the client
     /// closes it.
@@ -78,6 +86,8 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
         Request::Show {} => Ok(daemon.show()),
         Request::Fdb { network } => daemon.fdb(network.as_deref(), Timestamp::now()),
         Request::Leases { network } => Ok(daemon.leases(network.as_deref())),
+        Request::Conntrack { tenant } => daemon.conntrack(tenant.as_deref(), Timestamp::now()),
+        Request::Nat {} => Ok(daemon.nat()),
         Request::Reload {} => daemon
             .reload()
             .map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),

@@ -21,10 +21,11 @@ use serde_json::{json, Value};
 
 use crate::clock::Timestamp;
 use crate::config::{Config, NetKey, Port};
-use crate::dataplane::{NetworkRt, PortCounters, PortRt, Snapshot, TapHandle, Workers};
+use crate::dataplane::{NetworkRt, PortCounters, PortKind, PortRt, Snapshot, TapHandle, Workers};
 use crate::dhcp_service::{DhcpQueue, DhcpService};
 use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
+use crate::pipeline::external::UplinkRt;
 use crate::pipeline::router::{Leg, Neighbours, Router};
 use crate::pipeline::{Addresses, Bridge, DropReason, IpOwner, Leased};
 use crate::tap::Tap;
@@ -65,6 +66,9 @@ pub enum ApplyError {
     /// A reload that would need a restart.
     #[error("{0}")]
     NeedsRestart(String),
+    /// NAT refused the rules.
+    #[error("NAT: {0}")]
+    Nat(String),
 }
 
 /// What a reload changed.
@@ -108,6 +112,8 @@ struct State {
     remote_statics: HashSet<(NetKey, MacAddr, PortId)>,
     /// The router's ARP answers per network, kept across reloads.
     neighbours: HashMap<NetKey, Arc<Neighbours>>,
+    /// The uplink's ARP answers, kept across reloads.
+    uplink_neighbours: Arc<Neighbours>,
 }
 
 /// The running switch.
@@ -119,9 +125,10 @@ pub struct Daemon {
     state: Mutex<State>,
     started: Instant,
     underlay: Option<Arc<Underlay>>,
+    nat: Arc<Mutex<nat::Nat>>,
 }
 
-fn empty_snapshot(config: Arc<Config>) -> Snapshot {
+fn empty_snapshot(config: Arc<Config>, nat: Arc<Mutex<nat::Nat>>) -> Snapshot {
     Snapshot {
         ports: Vec::new(),
         networks: Vec::new(),
@@ -130,6 +137,39 @@ fn empty_snapshot(config: Arc<Config>) -> Snapshot {
         peers: Vec::new(),
         peer_by_ip: HashMap::new(),
         by_vni: HashMap::new(),
+        uplink: None,
+        nat,
+        routers: HashMap::new(),
+    }
+}
+
+/// The uplink of this host as a port (its tap, id, counters and capture
+/// are handled like a VM port's).
+fn uplink_port(cfg: &Config) -> Option<Port> {
+    let u = cfg.local_uplink()?;
+    Some(Port {
+        name: u.name.clone(),
+        tenant: String::new(),
+        network: String::new(),
+        mac: u.mac,
+        ip: Some(IpAddr::V4(u.ip())),
+        tap: u.tap.clone(),
+        port_security: false,
+        hostname: None,
+        host: u.host.clone(),
+    })
+}
+
+/// Where `vslab` keeps port `p`'s tap and the MAC it gave it there: a VM's
+/// namespace (named after the port; the VM's MAC), or for an uplink the
+/// lab's external namespace (the MAC of the external end).
+fn lab_home(cfg: &Config, p: &Port) -> (String, MacAddr) {
+    match cfg.uplinks.iter().find(|u| u.name == p.name) {
+        Some(u) => (
+            crate::lab::external_namespace(cfg).unwrap_or_default(),
+            u.peer_mac(),
+        ),
+        None => (p.name.clone(), p.mac),
     }
 }
 
@@ -164,7 +204,13 @@ impl Daemon {
             n => n,
         };
         let config = Arc::new(config);
-        let shared = Arc::new(ArcSwap::from_pointee(empty_snapshot(config.clone())));
+        let nat = nat::Nat::new(conntrack::Config::default(), nat::Rules::default())
+            .map_err(|e| ApplyError::Nat(e.to_string()))?;
+        let nat = Arc::new(Mutex::new(nat));
+        let shared = Arc::new(ArcSwap::from_pointee(empty_snapshot(
+            config.clone(),
+            nat.clone(),
+        )));
         let underlay = open_underlay(&config, n)?;
         let workers = Workers::start(n, shared.clone())?;
         if let Some(ul) = &underlay {
@@ -190,9 +236,11 @@ impl Daemon {
                 peer_counters: HashMap::new(),
                 remote_statics: HashSet::new(),
                 neighbours: HashMap::new(),
+                uplink_neighbours: Arc::default(),
             }),
             started: Instant::now(),
             underlay,
+            nat,
         };
         daemon.apply((*config).clone())?;
         Ok(daemon)
@@ -238,16 +286,23 @@ impl Daemon {
         }
         let new = Arc::new(new);
         let mut report = ReloadReport::default();
+        // This host's ports: VM NICs and the uplink.
+        let wanted: Vec<Port> = new
+            .local_ports()
+            .cloned()
+            .chain(uplink_port(&new))
+            .collect();
 
         // 1. Create every tap we need before touching anything, so a failure
         //    leaves the running state as it was.
         let mut opened: HashMap<String, Arc<TapHandle>> = HashMap::new();
-        for p in new.local_ports() {
+        for p in &wanted {
             let reusable = st.ports.get(&p.name).is_some_and(|old| {
                 old.cfg.tap == p.tap && !old.tap.detached.load(Ordering::Relaxed)
             });
             if !reusable {
-                let tap = open_port_tap(p).map_err(|source| ApplyError::Tap {
+                let (home, home_mac) = lab_home(&new, p);
+                let tap = open_port_tap(p, &home, home_mac).map_err(|source| ApplyError::Tap {
                     port: p.name.clone(),
                     tap: p.tap.clone(),
                     hint: match source.raw_os_error() {
@@ -271,6 +326,13 @@ impl Daemon {
                 );
             }
         }
+
+        // NAT rules: refused before anything changes. Tracked connections
+        // keep their mappings.
+        self.nat
+            .lock()
+            .set_rules(new.nat_rules())
+            .map_err(|e| ApplyError::Nat(e.to_string()))?;
 
         // DHCP servers (they may open lease logs): before anything changes.
         let leased: HashMap<NetKey, Arc<ArcSwap<Leased>>> = new
@@ -300,7 +362,7 @@ impl Daemon {
 
         // 2. Classify ports; assign ids (kept for surviving names, lowest
         //    free id for new ones).
-        let new_names: HashSet<&str> = new.local_ports().map(|p| p.name.as_str()).collect();
+        let new_names: HashSet<&str> = wanted.iter().map(|p| p.name.as_str()).collect();
         let removed: Vec<String> = st
             .ports
             .keys()
@@ -316,7 +378,7 @@ impl Daemon {
         let mut next_free = 0;
         let mut touched: HashSet<String> = HashSet::new(); // new or changed
         let mut ids: HashMap<String, PortId> = HashMap::new();
-        for p in new.local_ports() {
+        for p in &wanted {
             match st.ports.get(&p.name) {
                 Some(old) => {
                     ids.insert(p.name.clone(), old.id);
@@ -462,7 +524,7 @@ impl Daemon {
 
         // 6. New port states and the snapshot.
         let mut ports: HashMap<String, PortState> = HashMap::new();
-        for p in new.local_ports() {
+        for p in &wanted {
             let id = ids[&p.name];
             let old = st.ports.remove(&p.name);
             let tap = match opened.get(&p.name) {
@@ -502,6 +564,8 @@ impl Daemon {
                 leased: &leased,
                 zones: &zones,
                 neighbours: &neighbours,
+                uplink_neighbours: &st.uplink_neighbours,
+                nat: &self.nat,
             },
             &self.dhcp.queue(),
         );
@@ -542,6 +606,144 @@ impl Daemon {
                 tracing::debug!(network = %n.cfg.key(), aged, "MAC entries aged out");
             }
         }
+        // Bounded work per tick: at most this many connections reaped (a
+        // full table drains over several ticks; lookups never see an
+        // expired entry meanwhile).
+        self.nat.lock().expire(now.0, 65_536);
+    }
+
+    /// `conntrack` data: tracked connections, optionally of one tenant
+    /// (see docs/cli.md).
+    pub fn conntrack(&self, tenant: Option<&str>, now: Timestamp) -> Result<Value, String> {
+        let cfg = self.config();
+        let zone = match tenant {
+            None => None,
+            Some(t) if cfg.tenants.iter().any(|x| x == t) => Some(cfg.zone_of(t)),
+            Some(t) => {
+                return Err(format!(
+                    "no tenant {t:?}; tenants: {}",
+                    cfg.tenants.join(", ")
+                ))
+            }
+        };
+        let nat = self.nat.lock();
+        let ct = nat.conntrack();
+        let zone_name = |z: u32| -> String {
+            if z == nat::EXTERNAL_ZONE {
+                "external".into()
+            } else {
+                cfg.tenant_of_zone(z).unwrap_or("?").to_string()
+            }
+        };
+        let side = |k: &conntrack::ConnKey| {
+            let proto = conntrack::proto_name(k.proto, k.is_v6())
+                .map_or_else(|| k.proto.to_string(), str::to_string);
+            let (src, dst) = if k.is_icmp() {
+                (
+                    k.src.to_string(),
+                    format!("{} (id {} type {})", k.dst, k.src_port, k.dst_port),
+                )
+            } else if k.src_port == 0 && k.dst_port == 0 {
+                (k.src.to_string(), k.dst.to_string())
+            } else {
+                (
+                    std::net::SocketAddr::new(k.src, k.src_port).to_string(),
+                    std::net::SocketAddr::new(k.dst, k.dst_port).to_string(),
+                )
+            };
+            json!({"zone": zone_name(k.zone), "proto": proto, "src": src, "dst": dst})
+        };
+        let snap = self.shared.load();
+        let entries: Vec<Value> = ct
+            .entries(now.0)
+            .filter(|e| zone.is_none_or(|z| e.orig.zone == z || e.reply.zone == z))
+            .map(|e| {
+                json!({
+                    "original": side(&e.orig), "reply": side(&e.reply),
+                    "state": e.state.as_str(), "nat": e.ext.kind,
+                    "port": snap.location_name(e.port),
+                    "age_secs": e.age_ns / 1_000_000_000,
+                    "expires_secs": e.remaining_ns / 1_000_000_000,
+                    "packets": [e.stats[0].packets, e.stats[1].packets],
+                    "bytes": [e.stats[0].bytes, e.stats[1].bytes],
+                })
+            })
+            .collect();
+        Ok(json!({
+            "count": entries.len(), "total": ct.len(),
+            "max_entries": ct.config().max_entries,
+            "max_per_port": ct.config().max_per_port,
+            "stats": ct.stats(), "entries": entries,
+        }))
+    }
+
+    /// `nat` data: this host's external addresses, rules, port pools,
+    /// mappings and counters (see docs/cli.md).
+    pub fn nat(&self) -> Value {
+        let cfg = self.config();
+        let here = |h: &Option<String>| h.as_deref() == cfg.local_host.as_deref();
+        let up = cfg.local_uplink();
+        let snat: Vec<Value> = cfg
+            .networks
+            .iter()
+            .filter(|n| n.snat && up.is_some())
+            .map(|n| {
+                json!({"tenant": n.tenant, "network": n.name, "cidr": n.cidr.to_string(),
+                "external": up.map(|u| u.ip().to_string())})
+            })
+            .collect();
+        let floating: Vec<Value> = cfg
+            .floating_ips
+            .iter()
+            .filter(|f| here(&f.host))
+            .map(|f| {
+                json!({"tenant": f.tenant, "port": f.port, "external": f.address.to_string(),
+                "inside": f.inside.to_string()})
+            })
+            .collect();
+        let forwards: Vec<Value> = cfg
+            .port_forwards
+            .iter()
+            .filter(|f| here(&f.host))
+            .map(|f| {
+                json!({"tenant": f.tenant, "port": f.port, "proto": f.proto,
+                "external": f.external.to_string(), "inside": f.inside.to_string()})
+            })
+            .collect();
+        let nat = self.nat.lock();
+        let proto = |p: u8| match p {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            1 => "icmp".to_string(),
+            p => p.to_string(),
+        };
+        let pools: Vec<Value> = nat
+            .pools()
+            .into_iter()
+            .map(|p| {
+                json!({"external": p.external.to_string(), "proto": proto(p.proto),
+                "range": format!("{}-{}", p.range.0, p.range.1), "ports": p.ports,
+                "used": p.used, "reserved": p.reserved, "free": p.free})
+            })
+            .collect();
+        let mappings: Vec<Value> = nat
+            .mappings()
+            .into_iter()
+            .map(|m| {
+                json!({"tenant": cfg.tenant_of_zone(m.zone), "proto": proto(m.proto),
+                "inside": m.inside.to_string(), "external": m.external.to_string(),
+                "connections": m.connections})
+            })
+            .collect();
+        json!({
+            "pools": pools, "mappings": mappings,
+            "uplink": up.map(|u| json!({"name": u.name, "address": u.addr.to_string(),
+                "gateway": u.gateway.map(|g| g.to_string()), "mac": u.mac.to_string(),
+                "snat_ports": format!("{}-{}", u.snat_ports.0, u.snat_ports.1)})),
+            "snat": snat, "floating_ips": floating, "port_forwards": forwards,
+            "connections": nat.conntrack().len(),
+            "stats": nat.stats(),
+        })
     }
 
     /// Stops the workers and removes every tap (a clean stop; a crash
@@ -552,8 +754,10 @@ impl Daemon {
         }
         self.dhcp.stop();
         let mut st = self.state.lock();
-        self.shared
-            .store(Arc::new(empty_snapshot(st.config.clone())));
+        self.shared.store(Arc::new(empty_snapshot(
+            st.config.clone(),
+            self.nat.clone(),
+        )));
         for ps in st.ports.values() {
             release_tap(&ps.tap);
         }
@@ -610,6 +814,7 @@ impl Daemon {
                     "vni": net.map(|n| n.cfg.vni),
                     "tap": p.tap.tap.name(), "mac": p.mac.to_string(),
                     "ip": p.ip.map(|i| i.to_string()), "port_security": p.port_security,
+                    "kind": p.kind.as_str(),
                     "link": if p.tap.detached.load(Ordering::Relaxed) { "detached" } else { "up" },
                     "rx_packets": c.rx_packets.load(Ordering::Relaxed),
                     "rx_bytes": c.rx_bytes.load(Ordering::Relaxed),
@@ -737,11 +942,11 @@ fn drop_map(get: impl Fn(DropReason) -> u64) -> (BTreeMap<&'static str, u64>, u6
 /// renamed it `eth0`; found by the port's MAC); otherwise a new one. Either
 /// way it is made persistent, so a crash of the switch leaves the VM's NIC
 /// in place for the next run.
-fn open_port_tap(p: &Port) -> std::io::Result<Tap> {
+fn open_port_tap(p: &Port, home: &str, home_mac: MacAddr) -> std::io::Result<Tap> {
     let here = std::path::Path::new("/sys/class/net").join(&p.tap).exists();
-    let lab_ns = std::path::Path::new("/run/netns").join(&p.name);
-    let tap = match (here, lab_ns.exists()) {
-        (false, true) => match Tap::attach_in_netns(&lab_ns, p.mac.0) {
+    let lab_ns = std::path::Path::new("/run/netns").join(home);
+    let tap = match (here, !home.is_empty() && lab_ns.exists()) {
+        (false, true) => match Tap::attach_in_netns(&lab_ns, home_mac.0) {
             Ok(Some(t)) => {
                 tracing::info!(port = %p.name, netns = %lab_ns.display(), dev = t.name(),
                     "re-attached the port's persistent tap");
@@ -826,6 +1031,8 @@ struct Kept<'a> {
     leased: &'a HashMap<NetKey, Arc<ArcSwap<Leased>>>,
     zones: &'a HashMap<String, Arc<ArcSwap<dns::Zone>>>,
     neighbours: &'a HashMap<NetKey, Arc<Neighbours>>,
+    uplink_neighbours: &'a Arc<Neighbours>,
+    nat: &'a Arc<Mutex<nat::Nat>>,
 }
 
 fn build_snapshot(
@@ -840,6 +1047,8 @@ fn build_snapshot(
         leased,
         zones,
         neighbours,
+        uplink_neighbours,
+        nat,
     } = kept;
     let max_id = ports.values().map(|p| p.id as usize + 1).max().unwrap_or(0);
     let mut by_id: Vec<Option<Arc<PortRt>>> = vec![None; max_id];
@@ -858,6 +1067,7 @@ fn build_snapshot(
             ids.push(ps.id);
             by_id[ps.id as usize] = Some(Arc::new(PortRt {
                 id: ps.id,
+                kind: PortKind::Vm,
                 name: p.name.clone(),
                 tenant: p.tenant.clone(),
                 net: idx,
@@ -910,6 +1120,7 @@ fn build_snapshot(
             vni: vxlan::Vni::new(n.vni).unwrap_or(vxlan::Vni::from_bytes([0, 0, 0])),
             router: None,
             neighbours: neighbours.get(&key).cloned().unwrap_or_default(),
+            ct_zone: cfg.zone_of(&n.tenant),
         });
     }
     // One router per tenant over its networks with an IPv4 gateway.
@@ -933,9 +1144,37 @@ fn build_snapshot(
             n.router = routers.get(&n.cfg.tenant).cloned();
         }
     }
+    let uplink = cfg.local_uplink().and_then(|u| {
+        let ps = ports.get(&u.name)?;
+        by_id[ps.id as usize] = Some(Arc::new(PortRt {
+            id: ps.id,
+            kind: PortKind::Uplink,
+            name: u.name.clone(),
+            tenant: String::new(),
+            net: usize::MAX,
+            mac: u.mac,
+            ip: Some(IpAddr::V4(u.ip())),
+            port_security: false,
+            tap: ps.tap.clone(),
+            counters: ps.counters.clone(),
+            capture: ps.capture.clone(),
+        }));
+        Some(UplinkRt {
+            port: ps.id,
+            mac: u.mac,
+            addr: u.addr,
+            gateway: u.gateway,
+            neighbours: (*uplink_neighbours).clone(),
+        })
+    });
     Snapshot {
         ports: by_id,
         networks,
-        ..empty_snapshot(cfg.clone())
+        uplink,
+        routers: routers
+            .iter()
+            .map(|(t, r)| (cfg.zone_of(t), r.clone()))
+            .collect(),
+        ..empty_snapshot(cfg.clone(), (*nat).clone())
     }
 }

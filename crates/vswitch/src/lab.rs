@@ -13,6 +13,12 @@
 //! its underlay address), one `vswitchd --host NAME` started inside each
 //! host namespace (socket, log, pid and state under the run directory), and
 //! each VM attached to its host's switch.
+//!
+//! A config with `[[uplink]]` entries also gets the external network: a
+//! namespace named after the first uplink, holding a bridge `br-ext` that
+//! joins every uplink tap, with the uplinks' gateway addresses on it. That
+//! namespace is the next hop and the external host (run servers there with
+//! `vslab exec UPLINK -- ...`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -159,6 +165,9 @@ pub fn up(
             let line = up_port(cfg, p, None, wait)?;
             progress(&line);
         }
+        for line in up_external(cfg, wait, opts)? {
+            progress(&line);
+        }
         return Ok(());
     }
     if let Some(sel) = &opts.hosts {
@@ -189,7 +198,78 @@ pub fn up(
             progress(&line);
         }
     }
+    for line in up_external(cfg, wait, opts)? {
+        progress(&line);
+    }
     Ok(())
+}
+
+/// The external network: a namespace (named after the first uplink) with
+/// a bridge `br-ext` joining every selected host's uplink tap, and the
+/// uplinks' gateway addresses on the bridge, so the namespace plays the
+/// next hop and the external hosts behind it.
+fn up_external(cfg: &Config, wait: Duration, opts: &LabOptions) -> Result<Vec<String>, LabError> {
+    let Some(ns) = external_namespace(cfg) else {
+        return Ok(Vec::new());
+    };
+    let ns = ns.as_str();
+    let mut lines = Vec::new();
+    if !ns_exists(ns) {
+        ip(ns, &["netns", "add", ns])?;
+    }
+    ip(ns, &["-n", ns, "link", "set", "dev", "lo", "up"])?;
+    if !ip_ok(&["-n", ns, "link", "show", "dev", "br-ext"]) {
+        ip(ns, &["-n", ns, "link", "add", "br-ext", "type", "bridge"])?;
+    }
+    ip(ns, &["-n", ns, "link", "set", "dev", "br-ext", "up"])?;
+    let selected = |h: &Option<String>| match (h, &opts.hosts) {
+        (Some(h), Some(sel)) => sel.contains(h),
+        _ => true,
+    };
+    for u in cfg.uplinks.iter().filter(|u| selected(&u.host)) {
+        if !ip_ok(&["-n", ns, "link", "show", "dev", &u.tap]) {
+            let deadline = Instant::now() + wait;
+            let mut show = vec!["link", "show", "dev", &u.tap];
+            let mut mv = vec!["link", "set", "dev", &u.tap, "netns", ns];
+            if let Some(h) = u.host.as_deref() {
+                show.splice(0..0, ["-n", h]);
+                mv.splice(0..0, ["-n", h]);
+            }
+            while !ip_ok(&show) {
+                if Instant::now() >= deadline {
+                    return Err(LabError::NoTap {
+                        port: u.name.clone(),
+                        tap: u.tap.clone(),
+                        secs: wait.as_secs(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ip(ns, &mv)?;
+        }
+        let mac = u.peer_mac().to_string();
+        ip(
+            ns,
+            &["-n", ns, "link", "set", "dev", &u.tap, "address", &mac],
+        )?;
+        ip(
+            ns,
+            &[
+                "-n", ns, "link", "set", "dev", &u.tap, "master", "br-ext", "up",
+            ],
+        )?;
+        let mut line = format!(
+            "{ns}: uplink {} ({}) of {} joined br-ext",
+            u.name, u.tap, u.addr
+        );
+        if let Some(gw) = u.gateway {
+            let a = format!("{gw}/{}", u.addr.prefix_len());
+            ip(ns, &["-n", ns, "addr", "replace", &a, "dev", "br-ext"])?;
+            line.push_str(&format!("; next hop {a} on br-ext"));
+        }
+        lines.push(line);
+    }
+    Ok(lines)
 }
 
 /// Host `h`'s namespace, its underlay link and its switch.
@@ -423,6 +503,23 @@ pub fn down(
         let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         progress(&format!("{ns}: removed"));
     }
+    if let Some(ns) = external_namespace(cfg).filter(|n| ns_exists(n)) {
+        // The uplink taps go back here, so a running switch keeps them.
+        for u in &cfg.uplinks {
+            if ip_ok(&["-n", &ns, "link", "show", "dev", &u.tap]) {
+                let _ = ip(
+                    &ns,
+                    &["-n", &ns, "link", "set", "dev", &u.tap, "nomaster", "down"],
+                );
+                let _ = ip(
+                    &ns,
+                    &["-n", &ns, "link", "set", "dev", &u.tap, "netns", &me],
+                );
+            }
+        }
+        ip(&ns, &["netns", "del", &ns])?;
+        progress(&format!("{ns}: removed"));
+    }
     Ok(())
 }
 
@@ -469,7 +566,13 @@ fn down_hosts(
             progress(&format!("{}: removed", h.name));
         }
     }
-    // The underlay goes when the whole lab goes.
+    // The underlay and the external network go when the whole lab goes.
+    if let (None, Some(ext)) = (&opts.hosts, external_namespace(cfg)) {
+        if ns_exists(&ext) {
+            ip(&ext, &["netns", "del", &ext])?;
+            progress(&format!("{ext}: removed"));
+        }
+    }
     if let (None, Some(ul)) = (&opts.hosts, underlay_namespace(cfg)) {
         if ns_exists(&ul) {
             ip(&ul, &["netns", "del", &ul])?;
@@ -499,4 +602,11 @@ pub fn exec(name: &str, cmd: &[String]) -> Result<i32, LabError> {
             source,
         })?;
     Ok(status.code().unwrap_or(128))
+}
+
+/// The lab's external namespace: named after the config's first uplink; it
+/// plays the external network (a bridge joining every host's uplink, with
+/// the uplinks' gateway addresses on it).
+pub fn external_namespace(cfg: &Config) -> Option<String> {
+    cfg.uplinks.first().map(|u| u.name.clone())
 }

@@ -57,9 +57,30 @@ impl Out {
     }
 }
 
-/// Renders the metrics from the daemon's `show`, `fdb` and `leases` data.
-pub fn render(show: &Value, fdb: &Value, leases: &Value) -> String {
+/// Renders the metrics from the daemon's `show`, `fdb`, `leases` and
+/// `nat` data.
+pub fn render(show: &Value, fdb: &Value, leases: &Value, nat: &Value) -> String {
     let mut o = Out::default();
+    o.family(
+        "vswitch_conntrack_entries",
+        "gauge",
+        "Connections tracked (NAT's conntrack table).",
+        &[(String::new(), num(&nat["connections"]))],
+    );
+    let events: Vec<(String, u64)> = nat["stats"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (format!("event=\"{}\"", esc(k)), num(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    o.family(
+        "vswitch_nat_events_total",
+        "counter",
+        "NAT counters by event (translated packets, new connections by kind, hairpin, ICMP errors, ports exhausted, ...).",
+        &events,
+    );
     o.family(
         "vswitch_uptime_seconds",
         "gauge",
@@ -273,7 +294,7 @@ async fn answer(mut stream: TcpStream, daemon: &Arc<Daemon>) -> std::io::Result<
             let d = daemon.clone();
             let text = tokio::task::spawn_blocking(move || {
                 let fdb = d.fdb(None, Timestamp::now()).unwrap_or(Value::Null);
-                render(&d.show(), &fdb, &d.leases(None))
+                render(&d.show(), &fdb, &d.leases(None), &d.nat())
             })
             .await
             .unwrap_or_default();
@@ -314,7 +335,8 @@ mod tests {
                         "mac_table_size": 8192, "stats": {"learned": 1}}]});
         let leases = json!({"networks": [{"tenant": "acme", "network": "web",
                         "stats": {"ack": 2}, "leases": [{"state": "bound"}]}]});
-        let t = render(&show, &fdb, &leases);
+        let nat = json!({"connections": 3, "stats": {"hairpin": 2}});
+        let t = render(&show, &fdb, &leases, &nat);
         for want in [
             "# TYPE vswitch_port_rx_packets_total counter",
             "vswitch_port_rx_packets_total{port=\"vm1\",tenant=\"acme\",network=\"web\"} 3",
@@ -322,6 +344,8 @@ mod tests {
             "vswitch_fdb_entries{tenant=\"acme\",network=\"web\"} 2",
             "vswitch_dhcp_leases_bound{tenant=\"acme\",network=\"web\"} 1",
             "vswitch_underlay_rx_not_peer_total 4",
+            "vswitch_conntrack_entries 3",
+            "vswitch_nat_events_total{event=\"hairpin\"} 2",
             "vswitch_peer_drops_total{peer=\"b\",vtep=\"198.19.0.2\",reason=\"underlay_unknown_vni\"} 2",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");

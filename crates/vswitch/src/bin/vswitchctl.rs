@@ -40,6 +40,16 @@ enum Cmd {
         #[arg(long)]
         network: Option<String>,
     },
+    /// Tracked connections: both directions' addresses (NAT shows as a
+    /// reply that is not the mirror of the original), state, expiry.
+    Conntrack {
+        /// Only this tenant's connections.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The uplink, NAT rules (SNAT, floating IPs, port forwards), port
+    /// pools, mappings and counters.
+    Nat,
     /// Capture a port's frames as pcapng (tcpdump, tshark, Wireshark read it).
     Capture {
         /// Port name.
@@ -139,6 +149,10 @@ fn main() -> ExitCode {
         Cmd::Leases { network } => Request::Leases {
             network: network.clone(),
         },
+        Cmd::Conntrack { tenant } => Request::Conntrack {
+            tenant: tenant.clone(),
+        },
+        Cmd::Nat => Request::Nat {},
         Cmd::Capture { .. } => return ExitCode::from(2),
     };
     match control::request(&args.socket, &req) {
@@ -174,6 +188,8 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         Cmd::Show => render_show(d),
         Cmd::Fdb { .. } => render_fdb(d),
         Cmd::Leases { .. } => render_leases(d),
+        Cmd::Conntrack { .. } => render_conntrack(d),
+        Cmd::Nat => render_nat(d),
         Cmd::Capture { .. } => String::new(),
         Cmd::Reload => {
             let list = |k: &str| {
@@ -354,5 +370,145 @@ fn render_leases(d: &Value) -> String {
     if out.is_empty() {
         out.push_str("no network has DHCP\n");
     }
+    out
+}
+
+fn render_conntrack(d: &Value) -> String {
+    let mut out = format!(
+        "{} connections shown ({} tracked, max {}, {} per port)\n",
+        s(&d["count"]),
+        s(&d["total"]),
+        s(&d["max_entries"]),
+        s(&d["max_per_port"])
+    );
+    let mut t = Table::new(&[
+        "PROTO",
+        "ZONE",
+        "ORIGINAL",
+        "REPLY ZONE",
+        "REPLY",
+        "STATE",
+        "NAT",
+        "PORT",
+        "EXPIRES",
+        "PKTS",
+        "BYTES",
+    ]);
+    for e in d["entries"].as_array().into_iter().flatten() {
+        let (o, r) = (&e["original"], &e["reply"]);
+        let pair = |v: &Value| format!("{}/{}", s(&v[0]), s(&v[1]));
+        t.row(vec![
+            s(&o["proto"]),
+            s(&o["zone"]),
+            format!("{} > {}", s(&o["src"]), s(&o["dst"])),
+            s(&r["zone"]),
+            format!("{} > {}", s(&r["src"]), s(&r["dst"])),
+            s(&e["state"]),
+            s(&e["nat"]),
+            s(&e["port"]),
+            format!("{}s", s(&e["expires_secs"])),
+            pair(&e["packets"]),
+            pair(&e["bytes"]),
+        ]);
+    }
+    out.push_str(&t.render());
+    let stats: Vec<String> = d["stats"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&format!(
+        "\ncounters: {}\n",
+        if stats.is_empty() {
+            "-".into()
+        } else {
+            stats.join(" ")
+        }
+    ));
+    out
+}
+
+fn render_nat(d: &Value) -> String {
+    let up = &d["uplink"];
+    let mut out = if up.is_object() {
+        format!(
+            "uplink {}: {} via {} (mac {}), SNAT ports {}; {} connections\n\n",
+            s(&up["name"]),
+            s(&up["address"]),
+            s(&up["gateway"]),
+            s(&up["mac"]),
+            s(&up["snat_ports"]),
+            s(&d["connections"])
+        )
+    } else {
+        "this host has no uplink\n\n".to_string()
+    };
+    let mut t = Table::new(&["KIND", "TENANT", "WHAT", "EXTERNAL", "INSIDE"]);
+    for r in d["snat"].as_array().into_iter().flatten() {
+        t.row(vec![
+            "snat".into(),
+            s(&r["tenant"]),
+            format!("network {}", s(&r["network"])),
+            s(&r["external"]),
+            s(&r["cidr"]),
+        ]);
+    }
+    for r in d["floating_ips"].as_array().into_iter().flatten() {
+        t.row(vec![
+            "floating".into(),
+            s(&r["tenant"]),
+            format!("port {}", s(&r["port"])),
+            s(&r["external"]),
+            s(&r["inside"]),
+        ]);
+    }
+    for r in d["port_forwards"].as_array().into_iter().flatten() {
+        t.row(vec![
+            format!("forward/{}", s(&r["proto"])),
+            s(&r["tenant"]),
+            format!("port {}", s(&r["port"])),
+            s(&r["external"]),
+            s(&r["inside"]),
+        ]);
+    }
+    out.push_str(&t.render());
+    if let Some(pools) = d["pools"].as_array() {
+        let mut t = Table::new(&["POOL", "PROTO", "RANGE", "USED", "RESERVED"]);
+        for p in pools {
+            t.row(vec![
+                s(&p["external"]),
+                s(&p["proto"]),
+                s(&p["range"]),
+                s(&p["used"]),
+                s(&p["reserved"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    if let Some(maps) = d["mappings"].as_array() {
+        let mut t = Table::new(&["MAPPING", "ZONE", "PROTO", "INSIDE", "EXTERNAL", "CONNS"]);
+        for m in maps {
+            t.row(vec![
+                "eim".into(),
+                s(&m["tenant"]),
+                s(&m["proto"]),
+                s(&m["inside"]),
+                s(&m["external"]),
+                s(&m["connections"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    let stats: Vec<String> = d["stats"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    out.push_str(&format!("\ncounters: {}\n", stats.join(" ")));
     out
 }

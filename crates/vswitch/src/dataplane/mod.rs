@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
 use packet::{FlowKey, MacAddr, Offload, PacketBuf, L3, L4};
+use parking_lot::Mutex;
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 
@@ -29,6 +30,7 @@ use crate::clock::Timestamp;
 use crate::config::{Config, Network};
 use crate::dhcp_service::{DhcpQueue, DhcpRequest, Slot, MAX_MESSAGE};
 use crate::fdb::PortId;
+use crate::pipeline::external::UplinkRt;
 use crate::pipeline::router::{self, Routed};
 use crate::pipeline::{
     arp, dns_local, port_security, Addresses, Bridge, DropCounters, DropReason, Ingress, Verdict,
@@ -36,6 +38,7 @@ use crate::pipeline::{
 use crate::tap::Tap;
 use crate::underlay::{is_vtep, PeerRt, Underlay, VTEP_BASE};
 
+mod external;
 mod overlay;
 
 /// Most frames read from one port per wake-up.
@@ -87,17 +90,39 @@ pub struct TapHandle {
     pub detached: AtomicBool,
 }
 
+/// What a port connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortKind {
+    /// A VM's NIC in a tenant network.
+    Vm,
+    /// The host's link to the external network (routed, with NAT).
+    Uplink,
+}
+
+impl PortKind {
+    /// `"vm"` / `"uplink"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortKind::Vm => "vm",
+            PortKind::Uplink => "uplink",
+        }
+    }
+}
+
 /// A port as the data path sees it, rebuilt on each reload around the
 /// long-lived tap and counters.
 #[derive(Debug)]
 pub struct PortRt {
     /// Index in [`Snapshot::ports`], stable across reloads.
     pub id: PortId,
+    /// VM NIC or uplink.
+    pub kind: PortKind,
     /// Port name.
     pub name: String,
-    /// Tenant name.
+    /// Tenant name (empty for the uplink).
     pub tenant: String,
-    /// Index of its network in [`Snapshot::networks`].
+    /// Index of its network in [`Snapshot::networks`] (`usize::MAX` for
+    /// the uplink).
     pub net: usize,
     /// Configured MAC.
     pub mac: MacAddr,
@@ -162,6 +187,8 @@ pub struct NetworkRt {
     pub router: Option<Arc<router::Router>>,
     /// What the router learned by ARP in this network; kept across reloads.
     pub neighbours: Arc<router::Neighbours>,
+    /// The tenant's conntrack zone.
+    pub ct_zone: u32,
 }
 
 /// Everything the data path reads, swapped whole on reload.
@@ -181,6 +208,13 @@ pub struct Snapshot {
     pub peer_by_ip: std::collections::HashMap<std::net::Ipv4Addr, PortId>,
     /// Networks by VNI.
     pub by_vni: std::collections::HashMap<u32, usize>,
+    /// This host's uplink, if it has one.
+    pub uplink: Option<UplinkRt>,
+    /// NAT and its connection table; kept across reloads.
+    pub nat: Arc<Mutex<nat::Nat>>,
+    /// Tenant routers by conntrack zone (where NAT delivers inbound
+    /// packets).
+    pub routers: std::collections::HashMap<u32, Arc<router::Router>>,
 }
 
 impl Snapshot {
@@ -217,6 +251,9 @@ impl Snapshot {
     /// holds the answer for the ingress port.
     #[inline]
     pub fn process(&self, ingress: &PortRt, buf: &mut PacketBuf, now: Timestamp) -> Verdict {
+        if ingress.kind == PortKind::Uplink {
+            return self.process_uplink(ingress, buf, now);
+        }
         // Cannot fail for a snapshot built by the daemon; never panic.
         let Some(net) = self.networks.get(ingress.net) else {
             return Verdict::Drop(DropReason::EgressError);
@@ -306,8 +343,17 @@ impl Snapshot {
             |i| self.networks.get(i).map(|n| &n.addrs),
             |i| self.networks.get(i).map(|n| &*n.neighbours),
         );
+        if routed == Routed::Outside {
+            return self.to_outside(ingress, net, r, key, buf, now);
+        }
+        self.routed_verdict(ingress, routed)
+    }
+
+    /// The verdict for what the router did.
+    fn routed_verdict(&self, ingress: &PortRt, routed: Routed) -> Verdict {
         match routed {
             Routed::Reply => Verdict::Reply,
+            Routed::Outside => Verdict::Drop(DropReason::NoRoute),
             Routed::Drop(r) => Verdict::Drop(r),
             Routed::Resolve { net } => {
                 ingress.counters.count_drop(DropReason::RouteArpPending);

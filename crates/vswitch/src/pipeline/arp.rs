@@ -37,6 +37,14 @@ pub fn respond(ingress: &Ingress, key: &FlowKey, addrs: &Addresses, frame: &mut 
     )
 }
 
+/// Rewrites the ARP request in `frame` (parsed as `key`) into the reply
+/// "`key`'s target address is at `mac`"; false if it is not an ARP frame
+/// or too short.
+pub fn answer_with(key: &FlowKey, mac: MacAddr, frame: &mut [u8]) -> bool {
+    let L3::Arp(a) = key.l3 else { return false };
+    write_reply(frame, key.l3_offset as usize, mac, a.sha, a.spa, a.tpa)
+}
+
 /// Turns the request at `frame[l3..]` into a reply from `mac`/`ip` to the
 /// requester; false (frame untouched) if the frame is too short.
 fn write_reply(

@@ -4,14 +4,16 @@
 //! [`packet::FlowKey`], and runs the stages in order (see
 //! docs/architecture.md): [`port_security`] (the frame's MAC, IP and ARP
 //! addresses must be the port's), [`arp`] (the switch answers ARP for the
-//! addresses it knows), [`bridge`] (MAC learning and lookup), and, as they
-//! land, the stages of later network functions. The result is a
+//! addresses it knows), [`bridge`] (MAC learning and lookup), [`router`]
+//! (frames to a gateway MAC), [`external`] (the uplink and NAT), and, as
+//! they land, the stages of later network functions. The result is a
 //! [`Verdict`]; every drop names a [`DropReason`], which counters, capture
 //! and trace all read.
 
 pub mod arp;
 pub mod bridge;
 pub mod dns_local;
+pub mod external;
 pub mod overlay;
 pub mod port_security;
 pub mod router;
@@ -138,11 +140,25 @@ pub enum DropReason {
     RouteArpPending,
     /// Router: a packet it does not route (IPv4 options, IPv6 for now).
     RouteUnsupported,
+    /// NAT: no free external port for a new SNAT connection.
+    NatPortsExhausted,
+    /// Conntrack: the global or per-port connection cap refused a new
+    /// connection.
+    ConnLimit,
+    /// Conntrack: a packet that claims a connection the table cannot
+    /// accept it for (a TCP segment other than SYN with no entry, an ICMP
+    /// error about nothing, ...).
+    ConnInvalid,
+    /// Uplink: IPv4 to the switch that no NAT connection or rule takes.
+    NatNoMatch,
+    /// Uplink: a frame not addressed to the switch (the switch routes on
+    /// the uplink, it never bridges).
+    UplinkNotForUs,
 }
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 28;
+    pub const COUNT: usize = 33;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -174,6 +190,11 @@ impl DropReason {
         DropReason::TtlExceeded,
         DropReason::RouteArpPending,
         DropReason::RouteUnsupported,
+        DropReason::NatPortsExhausted,
+        DropReason::ConnLimit,
+        DropReason::ConnInvalid,
+        DropReason::NatNoMatch,
+        DropReason::UplinkNotForUs,
     ];
 
     /// Stable snake_case name (counters, JSON, logs).
@@ -207,6 +228,11 @@ impl DropReason {
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::RouteArpPending => "route_arp_pending",
             DropReason::RouteUnsupported => "route_unsupported",
+            DropReason::NatPortsExhausted => "nat_ports_exhausted",
+            DropReason::ConnLimit => "conn_limit",
+            DropReason::ConnInvalid => "conn_invalid",
+            DropReason::NatNoMatch => "nat_no_match",
+            DropReason::UplinkNotForUs => "uplink_not_for_us",
         }
     }
 
@@ -218,8 +244,16 @@ impl DropReason {
 
 /// Drops counted by reason (relaxed atomics: statistics, not
 /// synchronisation); ports and peers each have one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DropCounters([std::sync::atomic::AtomicU64; DropReason::COUNT]);
+
+impl Default for DropCounters {
+    fn default() -> Self {
+        DropCounters(std::array::from_fn(|_| {
+            std::sync::atomic::AtomicU64::new(0)
+        }))
+    }
+}
 
 impl DropCounters {
     /// Counts one drop for `r`.

@@ -7,9 +7,8 @@
 //!
 //! * ICMP echo to the gateway address: answered (the switch owns it);
 //! * IPv4 to another address: routed. The destination network is the
-//!   tenant's network whose prefix holds the address (longest prefix);
-//!   none: ICMP destination unreachable (network) from the gateway. TTL 1
-//!   or less: ICMP time exceeded. Otherwise TTL - 1 (IPv4 header checksum
+//!   tenant's network whose prefix holds the address (longest prefix;
+//!   none: see the last point). TTL 1 or less: ICMP time exceeded. Otherwise TTL - 1 (IPv4 header checksum
 //!   updated incrementally; a TSO super-frame keeps its offload), source MAC
 //!   = the destination network's gateway MAC, destination MAC = the
 //!   address's owner (directory, leases, or the neighbour cache); the frame
@@ -18,10 +17,13 @@
 //! * an owner nobody knows: the router asks (an ARP request from the
 //!   destination network's gateway, flooded in that network), drops the
 //!   packet (`route_arp_pending`, the sender retransmits) and learns the
-//!   answer into a bounded neighbour cache.
+//!   answer into a bounded neighbour cache;
+//! * a destination outside every network of the tenant: [`Routed::Outside`];
+//!   the caller hands it to NAT toward the uplink (`pipeline::external`),
+//!   and when no NAT rule or connection takes it answers ICMP destination
+//!   unreachable (network) with [`unreachable`].
 //!
-//! Not routed yet: IPv6, IPv4 with options (dropped, counted), anything
-//! beyond the tenant's own networks (the uplink comes with NAT).
+//! Not routed yet: IPv6 and IPv4 with options (dropped, counted).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -137,6 +139,10 @@ pub enum Routed {
         /// Destination network index.
         net: usize,
     },
+    /// No network of the tenant holds the destination: the caller tries
+    /// NAT toward the uplink, else answers with [`unreachable`]. `buf` is
+    /// untouched; the TTL was checked.
+    Outside,
     /// Dropped.
     Drop(DropReason),
 }
@@ -197,14 +203,42 @@ pub fn route<'a>(
     {
         return Routed::Drop(DropReason::L3Malformed);
     }
-    let Some(leg) = router.leg_for(dst).copied() else {
-        return icmp_error(buf, key, ingress_leg, 3, 0, src);
-    };
-    if leg.cidr.prefix_len() < 31 && (dst == leg.cidr.network() || dst == leg.cidr.broadcast()) {
-        return Routed::Drop(DropReason::NoRoute);
-    }
     if ip.ttl <= 1 {
         return icmp_error(buf, key, ingress_leg, 11, 0, src);
+    }
+    let Some(leg) = router.leg_for(dst).copied() else {
+        return Routed::Outside;
+    };
+    forward_to(&leg, dst, buf, l3, now, addrs, neigh)
+}
+
+/// The ICMP network unreachable answer to the packet in `buf` (parsed as
+/// `key`), from the gateway of the ingress network `from`.
+pub fn unreachable(router: &Router, from: usize, key: &FlowKey, buf: &mut PacketBuf) -> Routed {
+    let (Some(leg), Some(ip)) = (router.leg_of(from), key.ip()) else {
+        return Routed::Drop(DropReason::NoRoute);
+    };
+    let IpAddr::V4(src) = ip.src else {
+        return Routed::Drop(DropReason::NoRoute);
+    };
+    icmp_error(buf, key, leg, 3, 0, src)
+}
+
+/// Routes the IPv4 packet in `buf` (IP header at `l3`, TTL already checked
+/// to be above 1) into `leg`'s network toward `dst`: owner lookup (or an
+/// ARP request when unknown), MACs, TTL - 1.
+pub fn forward_to<'a>(
+    leg: &Leg,
+    dst: Ipv4Addr,
+    buf: &mut PacketBuf,
+    l3: usize,
+    now: Timestamp,
+    addrs: impl Fn(usize) -> Option<&'a Addresses>,
+    neigh: impl Fn(usize) -> Option<&'a Neighbours>,
+) -> Routed {
+    let leg = *leg;
+    if leg.cidr.prefix_len() < 31 && (dst == leg.cidr.network() || dst == leg.cidr.broadcast()) {
+        return Routed::Drop(DropReason::NoRoute);
     }
     let owner = addrs(leg.net)
         .and_then(|a| a.owner(&dst))
@@ -225,7 +259,7 @@ pub fn route<'a>(
 }
 
 /// MACs, TTL - 1, IPv4 header checksum (RFC 1624 incremental).
-fn rewrite(buf: &mut PacketBuf, l3: usize, src_mac: MacAddr, dst_mac: MacAddr) -> bool {
+pub fn rewrite(buf: &mut PacketBuf, l3: usize, src_mac: MacAddr, dst_mac: MacAddr) -> bool {
     let f = buf.frame_mut();
     if f.len() < l3 + 20 || l3 < 14 {
         return false;
@@ -241,8 +275,9 @@ fn rewrite(buf: &mut PacketBuf, l3: usize, src_mac: MacAddr, dst_mac: MacAddr) -
     true
 }
 
-/// Replaces `buf` with the echo reply to the echo request in it.
-fn echo_reply(buf: &mut PacketBuf, key: &FlowKey, gw_mac: MacAddr) -> bool {
+/// Replaces `buf` with the echo reply to the echo request in it, from
+/// `gw_mac`.
+pub fn echo_reply(buf: &mut PacketBuf, key: &FlowKey, gw_mac: MacAddr) -> bool {
     let (L3::Ipv4(ip), Some(l4)) = (key.l3, buf.frame().get(usize::from(key.l4_offset)..)) else {
         return false;
     };
@@ -333,12 +368,17 @@ fn icmp_error(
 
 /// Replaces `buf` with an ARP request for `ip` from `leg`'s gateway.
 fn build_arp_request(buf: &mut PacketBuf, leg: Leg, ip: Ipv4Addr) {
+    arp_request(buf, leg.gw_mac, leg.gw_ip, ip);
+}
+
+/// Replaces `buf` with an ARP request for `ip` from `mac`/`from`.
+pub fn arp_request(buf: &mut PacketBuf, mac: MacAddr, from: Ipv4Addr, ip: Ipv4Addr) {
     let mut f = Vec::with_capacity(42);
     f.extend_from_slice(&MacAddr::BROADCAST.0);
-    f.extend_from_slice(&leg.gw_mac.0);
+    f.extend_from_slice(&mac.0);
     f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    f.extend_from_slice(&leg.gw_mac.0);
-    f.extend_from_slice(&leg.gw_ip.octets());
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&from.octets());
     f.extend_from_slice(&[0; 6]);
     f.extend_from_slice(&ip.octets());
     set_frame(buf, &f);
@@ -456,9 +496,12 @@ mod tests {
         );
         assert_eq!(k.dst_mac, A);
         assert_eq!(k.ip().unwrap().src, IpAddr::V4(IP_GW));
-        // No route: network unreachable.
+        // Outside the tenant: NAT's turn; without NAT, network unreachable.
         let f = to_gw(Ipv4Addr::new(192, 168, 9, 9), 64);
-        let (r, buf) = go(&f);
+        let (r, mut buf) = go(&f);
+        assert_eq!(r, Routed::Outside);
+        assert_eq!(buf.frame(), &f[..], "untouched for NAT");
+        let r = unreachable(&legs(), 0, &key(&f), &mut buf);
         assert_eq!(r, Routed::Reply);
         assert!(matches!(
             key(buf.frame()).l4,

@@ -16,6 +16,10 @@ use ipnet::IpNet;
 use packet::MacAddr;
 use serde::Deserialize;
 
+mod external;
+pub use external::{FloatingIpCfg, PortForwardCfg, Uplink};
+use external::{RawFloatingIp, RawPortForward, RawUplink};
+
 /// Default learned+static MAC entries per network.
 pub const DEFAULT_MAC_TABLE_SIZE: usize = 8192;
 /// Default MAC aging time.
@@ -33,6 +37,8 @@ struct RawFile {
     underlay: RawUnderlay,
     #[serde(default)]
     host: Vec<RawHost>,
+    #[serde(default)]
+    uplink: Vec<RawUplink>,
     #[serde(default)]
     tenant: Vec<RawTenant>,
 }
@@ -71,6 +77,10 @@ struct RawTenant {
     network: Vec<RawNetwork>,
     #[serde(default)]
     port: Vec<RawPort>,
+    #[serde(default)]
+    floating_ip: Vec<RawFloatingIp>,
+    #[serde(default)]
+    port_forward: Vec<RawPortForward>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +91,7 @@ struct RawNetwork {
     cidr: String,
     gateway: Option<String>,
     mac_table_size: Option<usize>,
+    snat: Option<bool>,
     dhcp: Option<RawDhcp>,
 }
 
@@ -192,6 +203,9 @@ pub struct Network {
     pub mac_table_size: usize,
     /// The DHCP server of this network, if it has one.
     pub dhcp: Option<DhcpSettings>,
+    /// Its VMs reach the external network through their host's SNAT
+    /// address.
+    pub snat: bool,
 }
 
 /// `[tenant.network.dhcp]`: the switch's DHCP server for a network.
@@ -294,6 +308,12 @@ pub struct Config {
     /// The host this switch is (`vswitchd --host`), set by
     /// [`Config::for_host`]; `None` for a single-host config.
     pub local_host: Option<String>,
+    /// `[[uplink]]` entries: at most one per host.
+    pub uplinks: Vec<Uplink>,
+    /// Floating IPs of all tenants.
+    pub floating_ips: Vec<FloatingIpCfg>,
+    /// Port forwards of all tenants.
+    pub port_forwards: Vec<PortForwardCfg>,
 }
 
 /// One problem found in a config file.
@@ -570,6 +590,7 @@ impl Validator {
         let mut vnis: HashMap<u32, String> = HashMap::new();
         let mut port_names = HashSet::new();
         let mut tap_names: HashMap<String, String> = HashMap::new();
+        let mut nat_raw = Vec::new();
 
         for t in raw.tenant {
             let titem = format!("tenant {:?}", t.name);
@@ -620,6 +641,7 @@ impl Validator {
                 }
             }
 
+            nat_raw.push((t.name.clone(), t.floating_ip, t.port_forward));
             let mut macs: HashSet<(String, MacAddr)> = HashSet::new();
             let mut ips: HashSet<(String, IpAddr)> = HashSet::new();
             for p in t.port {
@@ -772,6 +794,9 @@ impl Validator {
             }
         }
 
+        let uplinks = self.uplinks(raw.uplink, &hosts, &ports, &mut tap_names);
+        let (floating_ips, port_forwards) = self.nat(nat_raw, &networks, &ports, &hosts, &uplinks);
+        self.zones(&tenants);
         Config {
             path: path.to_path_buf(),
             switch,
@@ -781,6 +806,9 @@ impl Validator {
             underlay,
             hosts,
             local_host: None,
+            uplinks,
+            floating_ips,
+            port_forwards,
         }
     }
 
@@ -1070,6 +1098,7 @@ impl Validator {
             gateway: None,
             mac_table_size,
             dhcp: None,
+            snat: n.snat.unwrap_or(false),
         };
         if let Some(g) = n.gateway {
             match g.parse::<IpAddr>() {

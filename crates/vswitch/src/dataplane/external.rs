@@ -1,0 +1,201 @@
+//! The snapshot's external path: frames arriving on the uplink, and routed
+//! packets leaving a tenant for the outside, both through NAT (decisions in
+//! [`crate::pipeline::external`] and the `nat` crate).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use packet::{FlowKey, Offload, PacketBuf, L3, L4};
+
+use super::{NetworkRt, PortRt, Snapshot};
+use crate::clock::Timestamp;
+use crate::pipeline::external::{classify_arp, nat_drop_reason, neighbour, UplinkArp};
+use crate::pipeline::router::{self, Router};
+use crate::pipeline::{arp, DropReason, Verdict};
+
+impl Snapshot {
+    /// Whether `ip` is one of this host's external addresses.
+    pub fn owns_external(&self, ip: Ipv4Addr) -> bool {
+        self.uplink.as_ref().is_some_and(|u| u.addr.addr() == ip) || self.nat.lock().owns(ip)
+    }
+
+    /// A frame received on the uplink (see `pipeline::external`).
+    pub(super) fn process_uplink(
+        &self,
+        ingress: &PortRt,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> Verdict {
+        let Some(up) = &self.uplink else {
+            return Verdict::Drop(DropReason::UplinkNotForUs);
+        };
+        let Ok(key) = FlowKey::parse(buf.frame()) else {
+            return Verdict::Drop(DropReason::RuntFrame);
+        };
+        if let L3::Arp(_) = key.l3 {
+            return match classify_arp(&key, up, |ip| self.owns_external(ip)) {
+                UplinkArp::Answer => {
+                    if arp::answer_with(&key, up.mac, buf.frame_mut()) {
+                        buf.offload = Offload::NONE;
+                        Verdict::Reply
+                    } else {
+                        Verdict::Drop(DropReason::L3Malformed)
+                    }
+                }
+                UplinkArp::Learn(ip, mac) => {
+                    up.neighbours.learn(ip, mac, now);
+                    Verdict::Consumed
+                }
+                UplinkArp::Ignore => Verdict::Drop(DropReason::UplinkNotForUs),
+            };
+        }
+        let L3::Ipv4(ip) = key.l3 else {
+            return Verdict::Drop(DropReason::UplinkNotForUs);
+        };
+        if key.dst_mac != up.mac {
+            return Verdict::Drop(DropReason::UplinkNotForUs);
+        }
+        let IpAddr::V4(dst) = ip.dst else {
+            return Verdict::Drop(DropReason::L3Malformed);
+        };
+        if let Err(r) = check_ipv4(&key, buf) {
+            return Verdict::Drop(r);
+        }
+        if dst == up.addr.addr() && matches!(key.l4, L4::Icmpv4 { ty: 8, .. }) {
+            return if router::echo_reply(buf, &key, up.mac) {
+                Verdict::Reply
+            } else {
+                Verdict::Drop(DropReason::L3Malformed)
+            };
+        }
+        if ip.ttl <= 1 {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        }
+        let partial = buf.offload.csum.is_some();
+        let out = self.nat.lock().translate(
+            nat::EXTERNAL_ZONE,
+            ingress.id,
+            &key,
+            buf.frame_mut(),
+            partial,
+            now.0,
+        );
+        match out {
+            nat::Outcome::Forward { zone, dst, .. } if zone != nat::EXTERNAL_ZONE => {
+                self.deliver_to_tenant(ingress, zone, dst, &key, buf, now)
+            }
+            nat::Outcome::Forward { .. } | nat::Outcome::NoMatch => {
+                Verdict::Drop(DropReason::NatNoMatch)
+            }
+            nat::Outcome::Drop(d) => Verdict::Drop(nat_drop_reason(d)),
+        }
+    }
+
+    /// A packet the router found outside every network of the tenant
+    /// (TTL checked): NAT, then out of the uplink or, hairpinned, back into
+    /// a tenant; without NAT, ICMP network unreachable.
+    pub(super) fn to_outside(
+        &self,
+        ingress: &PortRt,
+        net: &NetworkRt,
+        router: &Router,
+        key: &FlowKey,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> Verdict {
+        let partial = buf.offload.csum.is_some();
+        let out = self.nat.lock().translate(
+            net.ct_zone,
+            ingress.id,
+            key,
+            buf.frame_mut(),
+            partial,
+            now.0,
+        );
+        match out {
+            nat::Outcome::NoMatch => {
+                let r = router::unreachable(router, ingress.net, key, buf);
+                self.routed_verdict(ingress, r)
+            }
+            nat::Outcome::Drop(d) => Verdict::Drop(nat_drop_reason(d)),
+            nat::Outcome::Forward { zone, dst, .. } if zone == nat::EXTERNAL_ZONE => {
+                self.out_uplink(ingress, dst, key, buf, now)
+            }
+            nat::Outcome::Forward { zone, dst, .. } => {
+                self.deliver_to_tenant(ingress, zone, dst, key, buf, now)
+            }
+        }
+    }
+
+    /// Routes a translated packet into tenant `zone` toward `dst`.
+    fn deliver_to_tenant(
+        &self,
+        ingress: &PortRt,
+        zone: u32,
+        dst: Ipv4Addr,
+        key: &FlowKey,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> Verdict {
+        let Some(leg) = self.routers.get(&zone).and_then(|r| r.leg_for(dst)) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let r = router::forward_to(
+            leg,
+            dst,
+            buf,
+            usize::from(key.l3_offset),
+            now,
+            |i| self.networks.get(i).map(|n| &n.addrs),
+            |i| self.networks.get(i).map(|n| &*n.neighbours),
+        );
+        self.routed_verdict(ingress, r)
+    }
+
+    /// Sends a translated packet out of the uplink toward `dst`: next hop,
+    /// its MAC (or an ARP request for it, the packet dropped), TTL - 1.
+    fn out_uplink(
+        &self,
+        ingress: &PortRt,
+        dst: Ipv4Addr,
+        key: &FlowKey,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> Verdict {
+        let Some(up) = &self.uplink else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let Some(hop) = up.next_hop(dst) else {
+            return Verdict::Drop(DropReason::NoRoute);
+        };
+        let Some(mac) = neighbour(up, hop, now) else {
+            router::arp_request(buf, up.mac, up.addr.addr(), hop);
+            ingress.counters.count_drop(DropReason::RouteArpPending);
+            return Verdict::Forward(up.port);
+        };
+        if router::rewrite(buf, usize::from(key.l3_offset), up.mac, mac) {
+            Verdict::Forward(up.port)
+        } else {
+            Verdict::Drop(DropReason::L3Malformed)
+        }
+    }
+}
+
+/// What the router checks before touching an IPv4 header: parsed whole, no
+/// options, a valid header checksum.
+fn check_ipv4(key: &FlowKey, buf: &PacketBuf) -> Result<(), DropReason> {
+    if key.malformed.is_some() {
+        return Err(DropReason::L3Malformed);
+    }
+    let l3 = usize::from(key.l3_offset);
+    let hdr = buf
+        .frame()
+        .get(l3..l3 + 20)
+        .ok_or(DropReason::L3Malformed)?;
+    if hdr[0] & 0x0f != 5 {
+        return Err(DropReason::RouteUnsupported);
+    }
+    if !packet::checksum::verify(hdr) {
+        return Err(DropReason::L3Malformed);
+    }
+    Ok(())
+}
