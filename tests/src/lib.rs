@@ -1541,3 +1541,140 @@ pub mod pcap {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Small Python peers (no nc/socat/hping3 on the machine)
+// ---------------------------------------------------------------------------
+
+/// An HTTP server answering every GET with the client's address as it
+/// sees it (`/big` adds a 16 MB body so rate-limited downloads overlap in
+/// time).
+pub const HTTP_SERVER: &str = r#"
+import http.server, socketserver, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        if self.path == "/big":
+            body = body + b"\n" + b"x" * (16 << 20)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    allow_reuse_address = True
+S(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// A TCP echo server (threads, one per connection).
+pub const ECHO_SERVER: &str = r#"
+import socket, threading, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(64)
+def serve(c):
+    while True:
+        d = c.recv(4096)
+        if not d:
+            break
+        c.sendall(d)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Sends one UDP datagram on a connected socket and reports what came
+/// back: "refused" (ICMP port unreachable reached the socket), "data" or
+/// "timeout".
+pub const UDP_PROBE: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"x")
+try:
+    s.recv(100); print("data")
+except ConnectionRefusedError:
+    print("refused")
+except socket.timeout:
+    print("timeout")
+"#;
+
+/// Connects to ADDR PORT with a timeout (seconds, default 2) and prints
+/// "ok", "refused" (a RST came back) or "timeout" (nothing came back).
+pub const TCP_PROBE: &str = r#"
+import socket, sys
+s = socket.socket(); s.settimeout(float(sys.argv[3]) if len(sys.argv) > 3 else 2.0)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2]))); print("ok")
+except ConnectionRefusedError:
+    print("refused")
+except (socket.timeout, TimeoutError):
+    print("timeout")
+"#;
+
+/// A SYN flood of the polite kind: N non-blocking connects to consecutive
+/// ports of ADDR from FIRST on (each one SYN plus the kernel's retries),
+/// left pending for SECS seconds.
+pub const SYN_FLOOD: &str = r#"
+import socket, sys, time
+addr, first, n, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+socks = []
+for i in range(n):
+    s = socket.socket(); s.setblocking(False)
+    try:
+        s.connect((addr, first + i))
+    except BlockingIOError:
+        pass
+    except OSError:
+        pass
+    socks.append(s)
+time.sleep(secs)
+print(len(socks))
+"#;
+
+/// Starts `python3 SCRIPT PORT` in namespace `ns` and waits until it
+/// listens.
+pub fn serve_python(dir: &TestDir, ns: &str, script: &Path, port: u16) -> Bg {
+    let script = script.to_str().expect("utf-8 path");
+    let label = format!("srv-{ns}-{port}");
+    let mut bg = Bg::spawn_in(dir, ns, &label, &["python3", script, &port.to_string()]);
+    let p = format!(":{port} ");
+    let ok = wait_until(Duration::from_secs(10), || {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, "ss", "-ltnH"]);
+        let o = run_timeout(&mut cmd, Duration::from_secs(10));
+        String::from_utf8_lossy(&o.stdout).contains(&p)
+    });
+    assert!(
+        ok,
+        "nothing listens on {port} in {ns} (running: {}):\n{}",
+        bg.running(),
+        bg.stderr()
+    );
+    bg
+}
+
+/// Runs a Python snippet (one of the consts above, written to DIR) in `ns`
+/// with `args`; its trimmed stdout.
+pub fn python_in(
+    dir: &TestDir,
+    ns: &str,
+    name: &str,
+    script: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> String {
+    let path = dir.write(name, script);
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "python3"])
+        .arg(&path)
+        .args(args);
+    let out = run_timeout(&mut cmd, timeout);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .trim()
+    .to_string()
+}

@@ -11,43 +11,6 @@ use std::time::Duration;
 use serde_json::Value;
 use vswitch_tests::*;
 
-/// An HTTP server answering every GET with the client's address as it
-/// sees it (`/big` adds a 16 MB body so rate-limited downloads overlap in
-/// time).
-const HTTP_SERVER: &str = r#"
-import http.server, socketserver, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        if self.path == "/big":
-            body = body + b"\n" + b"x" * (16 << 20)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-class S(http.server.ThreadingHTTPServer):
-    allow_reuse_address = True
-S(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-"#;
-
-/// A TCP echo server (threads, one per connection).
-const ECHO_SERVER: &str = r#"
-import socket, threading, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(64)
-def serve(c):
-    while True:
-        d = c.recv(4096)
-        if not d:
-            break
-        c.sendall(d)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
 /// Opens N TCP connections (each from its own source port), then checks
 /// that each one that connected still echoes; prints one word per
 /// connection: "ok", "noconnect" or "broken".
@@ -72,22 +35,6 @@ for s in conns:
 print(" ".join(out))
 "#;
 
-/// Sends one UDP datagram on a connected socket and reports what came
-/// back: "refused" (ICMP port unreachable reached the socket), "data" or
-/// "timeout".
-const UDP_PROBE: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-s.connect((sys.argv[1], int(sys.argv[2])))
-s.send(b"x")
-try:
-    s.recv(100); print("data")
-except ConnectionRefusedError:
-    print("refused")
-except socket.timeout:
-    print("timeout")
-"#;
-
 fn port(name: &str, net: &str, mac: &str, ip: &str) -> String {
     format!("  [[tenant.port]]\n  name = \"{name}\"\n  network = \"{net}\"\n  mac = \"{mac}\"\n  ip = \"{ip}\"\n\n")
 }
@@ -106,27 +53,6 @@ fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Starts `python3 SCRIPT PORT` in namespace `ns` and waits until it
-/// listens.
-fn serve(dir: &TestDir, ns: &str, script: &std::path::Path, port: u16) -> Bg {
-    let script = script.to_str().expect("utf-8 path");
-    let label = format!("srv-{ns}-{port}");
-    let mut bg = Bg::spawn_in(dir, ns, &label, &["python3", script, &port.to_string()]);
-    let p = format!(":{port} ");
-    let ok = wait_until(Duration::from_secs(10), || {
-        let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", ns, "ss", "-ltnH"]);
-        text(&run_timeout(&mut cmd, Duration::from_secs(10))).contains(&p)
-    });
-    assert!(
-        ok,
-        "nothing listens on {port} in {ns} (running: {}):\n{}",
-        bg.running(),
-        bg.stderr()
-    );
-    bg
 }
 
 /// `curl -s URL` from `ns`: the body.
@@ -173,7 +99,7 @@ fn snat_floating_ip_port_forward_hairpin_and_icmp_errors() {
     let srv = dir.write("client_addr_server.py", HTTP_SERVER);
     let _servers: Vec<Bg> = [&ext, &w1, &d1]
         .into_iter()
-        .map(|ns| serve(&dir, ns, &srv, 80))
+        .map(|ns| serve_python(&dir, ns, &srv, 80))
         .collect();
 
     // SNAT: the server sees the uplink address; off-link through the
@@ -327,7 +253,7 @@ fn a_tiny_port_range_exhausts_cleanly() {
     let sw = Switch::start(&dir, &path);
     let lab = Lab::up(&path, &[v1.clone(), ext.clone()]);
     let echo = dir.write("echo.py", ECHO_SERVER);
-    let _srv = serve(&dir, &ext, &echo, 7000);
+    let _srv = serve_python(&dir, &ext, &echo, 7000);
     let many = dir.write("many.py", MANY_CONNECTIONS);
     let o = lab.exec(
         &v1,
@@ -397,7 +323,7 @@ fn each_host_nats_its_own_vms_through_its_own_uplink() {
     let srv = dir.write("client_addr_server.py", HTTP_SERVER);
     let _servers: Vec<Bg> = [&ua, &a1]
         .into_iter()
-        .map(|ns| serve(&dir, ns, &srv, 80))
+        .map(|ns| serve_python(&dir, ns, &srv, 80))
         .collect();
     let curl = |ns: &str, url: &str| {
         let o = lab.exec(ns, &["curl", "-s", "--max-time", "5", url]);

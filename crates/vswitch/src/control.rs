@@ -45,11 +45,25 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         network: Option<String>,
     },
-    /// Tracked connections (NAT's conntrack table).
+    /// Tracked connections (NAT's and the security groups' tables).
     Conntrack {
         /// Only connections of this tenant.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tenant: Option<String>,
+        /// Only connections charged to this port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<String>,
+    },
+    /// Forget a port's tracked connections.
+    ConntrackFlush {
+        /// The port.
+        port: String,
+    },
+    /// Security groups: rules with hit counters, filtered ports.
+    Sg {
+        /// Only this port.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<String>,
     },
     /// This host's uplink, NAT rules, mappings and counters.
     Nat {},
@@ -86,7 +100,11 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
         Request::Show {} => Ok(daemon.show()),
         Request::Fdb { network } => daemon.fdb(network.as_deref(), Timestamp::now()),
         Request::Leases { network } => Ok(daemon.leases(network.as_deref())),
-        Request::Conntrack { tenant } => daemon.conntrack(tenant.as_deref(), Timestamp::now()),
+        Request::Conntrack { tenant, port } => {
+            daemon.conntrack(tenant.as_deref(), port.as_deref(), Timestamp::now())
+        }
+        Request::ConntrackFlush { port } => daemon.conntrack_flush(&port),
+        Request::Sg { port } => daemon.sg(port.as_deref()),
         Request::Nat {} => Ok(daemon.nat()),
         Request::Reload {} => daemon
             .reload()

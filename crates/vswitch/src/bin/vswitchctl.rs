@@ -43,9 +43,22 @@ enum Cmd {
     /// Tracked connections: both directions' addresses (NAT shows as a
     /// reply that is not the mirror of the original), state, expiry.
     Conntrack {
+        /// `flush`: forget the tracked connections of `--port`.
+        #[arg(value_parser = ["flush"])]
+        action: Option<String>,
         /// Only this tenant's connections.
         #[arg(long)]
         tenant: Option<String>,
+        /// Only this port's connections (required by `flush`).
+        #[arg(long)]
+        port: Option<String>,
+    },
+    /// Security groups: rules with hit counters; filtered ports with their
+    /// groups, tracked connections and drops.
+    Sg {
+        /// Only this port.
+        #[arg(long)]
+        port: Option<String>,
     },
     /// The uplink, NAT rules (SNAT, floating IPs, port forwards), port
     /// pools, mappings and counters.
@@ -149,9 +162,22 @@ fn main() -> ExitCode {
         Cmd::Leases { network } => Request::Leases {
             network: network.clone(),
         },
-        Cmd::Conntrack { tenant } => Request::Conntrack {
-            tenant: tenant.clone(),
+        Cmd::Conntrack {
+            action: Some(_),
+            port,
+            ..
+        } => match port {
+            Some(p) => Request::ConntrackFlush { port: p.clone() },
+            None => {
+                eprintln!("error: conntrack flush needs --port PORT");
+                return ExitCode::from(2);
+            }
         },
+        Cmd::Conntrack { tenant, port, .. } => Request::Conntrack {
+            tenant: tenant.clone(),
+            port: port.clone(),
+        },
+        Cmd::Sg { port } => Request::Sg { port: port.clone() },
         Cmd::Nat => Request::Nat {},
         Cmd::Capture { .. } => return ExitCode::from(2),
     };
@@ -188,7 +214,16 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         Cmd::Show => render_show(d),
         Cmd::Fdb { .. } => render_fdb(d),
         Cmd::Leases { .. } => render_leases(d),
+        Cmd::Conntrack {
+            action: Some(_), ..
+        } => format!(
+            "flushed {} security-group and {} NAT connections of port {}\n",
+            s(&d["flushed"]["sg"]),
+            s(&d["flushed"]["nat"]),
+            s(&d["port"])
+        ),
         Cmd::Conntrack { .. } => render_conntrack(d),
+        Cmd::Sg { .. } => render_sg(d),
         Cmd::Nat => render_nat(d),
         Cmd::Capture { .. } => String::new(),
         Cmd::Reload => {
@@ -375,20 +410,22 @@ fn render_leases(d: &Value) -> String {
 
 fn render_conntrack(d: &Value) -> String {
     let mut out = format!(
-        "{} connections shown ({} tracked, max {}, {} per port)\n",
+        "{} connections shown ({} tracked: {} by NAT, max {}; {} by security groups)\n",
         s(&d["count"]),
         s(&d["total"]),
-        s(&d["max_entries"]),
-        s(&d["max_per_port"])
+        s(&d["nat"]["total"]),
+        s(&d["nat"]["max_entries"]),
+        s(&d["sg"]["total"])
     );
     let mut t = Table::new(&[
+        "TABLE",
         "PROTO",
         "ZONE",
         "ORIGINAL",
         "REPLY ZONE",
         "REPLY",
         "STATE",
-        "NAT",
+        "BY",
         "PORT",
         "EXPIRES",
         "PKTS",
@@ -397,14 +434,20 @@ fn render_conntrack(d: &Value) -> String {
     for e in d["entries"].as_array().into_iter().flatten() {
         let (o, r) = (&e["original"], &e["reply"]);
         let pair = |v: &Value| format!("{}/{}", s(&v[0]), s(&v[1]));
+        let by = if e["table"] == "sg" {
+            format!("rule {}", s(&e["rule"]["rule"]))
+        } else {
+            s(&e["nat"])
+        };
         t.row(vec![
+            s(&e["table"]),
             s(&o["proto"]),
             s(&o["zone"]),
             format!("{} > {}", s(&o["src"]), s(&o["dst"])),
             s(&r["zone"]),
             format!("{} > {}", s(&r["src"]), s(&r["dst"])),
             s(&e["state"]),
-            s(&e["nat"]),
+            by,
             s(&e["port"]),
             format!("{}s", s(&e["expires_secs"])),
             pair(&e["packets"]),
@@ -412,23 +455,82 @@ fn render_conntrack(d: &Value) -> String {
         ]);
     }
     out.push_str(&t.render());
-    let stats: Vec<String> = d["stats"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect()
-        })
-        .unwrap_or_default();
-    out.push_str(&format!(
-        "\ncounters: {}\n",
-        if stats.is_empty() {
-            "-".into()
+    for table in ["nat", "sg"] {
+        let stats: Vec<String> = d[table]["stats"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let stats = if stats.is_empty() {
+            "-".to_string()
         } else {
             stats.join(" ")
+        };
+        out.push_str(&format!("\n{table} counters: {stats}"));
+    }
+    out.push('\n');
+    out
+}
+
+fn render_sg(d: &Value) -> String {
+    let mut out = String::new();
+    for t in d["tenants"].as_array().into_iter().flatten() {
+        for g in t["groups"].as_array().into_iter().flatten() {
+            out.push_str(&format!("{}/{}\n", s(&t["tenant"]), s(&g["name"])));
+            let mut tb = Table::new(&[
+                "  #",
+                "DIRECTION",
+                "FAMILY",
+                "PROTO",
+                "PORTS/ICMP",
+                "REMOTE",
+                "HITS",
+            ]);
+            for r in g["rules"].as_array().into_iter().flatten() {
+                let what = if r["ports"].is_string() {
+                    s(&r["ports"])
+                } else if r["icmp_type"].is_number() {
+                    format!("type {} code {}", s(&r["icmp_type"]), s(&r["icmp_code"]))
+                } else {
+                    "-".into()
+                };
+                tb.row(vec![
+                    format!("  {}", s(&r["number"])),
+                    s(&r["direction"]),
+                    s(&r["family"]),
+                    s(&r["proto"]),
+                    what,
+                    s(&r["remote"]),
+                    s(&r["hits"]),
+                ]);
+            }
+            out.push_str(&tb.render());
+            out.push('\n');
         }
-    ));
+    }
+    let mut tb = Table::new(&["PORT", "TENANT", "GROUPS", "CONNECTIONS", "DROPS"]);
+    for p in d["ports"].as_array().into_iter().flatten() {
+        let groups: Vec<String> = p["groups"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect())
+            .unwrap_or_default();
+        tb.row(vec![
+            s(&p["port"]),
+            s(&p["tenant"]),
+            groups.join(","),
+            format!("{}/{}", s(&p["connections"]), s(&p["max_connections"])),
+            drops_text(&p["drops"]),
+        ]);
+    }
+    if tb.is_empty() {
+        out.push_str("no port is filtered (no tenant defines a security_group)\n");
+    } else {
+        out.push_str(&tb.render());
+    }
     out
 }
 

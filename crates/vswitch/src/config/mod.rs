@@ -17,8 +17,11 @@ use packet::MacAddr;
 use serde::Deserialize;
 
 mod external;
+mod security;
 pub use external::{FloatingIpCfg, PortForwardCfg, Uplink};
 use external::{RawFloatingIp, RawPortForward, RawUplink};
+use security::RawGroup;
+pub use security::{SecurityGroupCfg, DEFAULT_GROUP, DEFAULT_MAX_CONNECTIONS};
 
 /// Default learned+static MAC entries per network.
 pub const DEFAULT_MAC_TABLE_SIZE: usize = 8192;
@@ -67,6 +70,7 @@ struct RawSwitch {
     mac_aging_secs: Option<u64>,
     workers: Option<usize>,
     metrics_listen: Option<String>,
+    max_connections_per_port: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +81,8 @@ struct RawTenant {
     network: Vec<RawNetwork>,
     #[serde(default)]
     port: Vec<RawPort>,
+    #[serde(default)]
+    security_group: Vec<RawGroup>,
     #[serde(default)]
     floating_ip: Vec<RawFloatingIp>,
     #[serde(default)]
@@ -127,6 +133,9 @@ struct RawPort {
     port_security: Option<bool>,
     hostname: Option<String>,
     host: Option<String>,
+    #[serde(default)]
+    security_groups: Vec<String>,
+    max_connections: Option<usize>,
 }
 
 /// Switch-wide settings (`[switch]`).
@@ -140,6 +149,8 @@ pub struct SwitchSettings {
     pub workers: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Default tracked-connection cap per port (security groups).
+    pub max_connections_per_port: usize,
 }
 
 /// `[underlay]`: how this host's switch reaches the others (VXLAN).
@@ -262,6 +273,11 @@ pub struct Port {
     pub hostname: Option<String>,
     /// The host the port lives on (`None` in a single-host config).
     pub host: Option<String>,
+    /// Security groups (names in the tenant); empty: the default group
+    /// when the tenant filters.
+    pub security_groups: Vec<String>,
+    /// Most tracked connections of this port (security groups).
+    pub max_connections: usize,
 }
 
 impl Port {
@@ -314,6 +330,8 @@ pub struct Config {
     pub floating_ips: Vec<FloatingIpCfg>,
     /// Port forwards of all tenants.
     pub port_forwards: Vec<PortForwardCfg>,
+    /// Security groups of all tenants.
+    pub security_groups: Vec<SecurityGroupCfg>,
 }
 
 /// One problem found in a config file.
@@ -591,6 +609,7 @@ impl Validator {
         let mut port_names = HashSet::new();
         let mut tap_names: HashMap<String, String> = HashMap::new();
         let mut nat_raw = Vec::new();
+        let mut security_groups: Vec<SecurityGroupCfg> = Vec::new();
 
         for t in raw.tenant {
             let titem = format!("tenant {:?}", t.name);
@@ -642,6 +661,7 @@ impl Validator {
             }
 
             nat_raw.push((t.name.clone(), t.floating_ip, t.port_forward));
+            let groups = self.security_groups(&t.name, t.security_group);
             let mut macs: HashSet<(String, MacAddr)> = HashSet::new();
             let mut ips: HashSet<(String, IpAddr)> = HashSet::new();
             for p in t.port {
@@ -750,6 +770,19 @@ impl Validator {
                 } else if let Some(other) = tap_names.insert(tap.clone(), p.name.clone()) {
                     self.problem(&pitem, format!("tap {tap:?} is also the tap of port {other:?}; give each port its own tap name"));
                 }
+                let port_security = p.port_security.unwrap_or(true);
+                for g in &p.security_groups {
+                    if !groups.iter().any(|x| &x.spec.name == g) {
+                        let known: Vec<&str> =
+                            groups.iter().map(|x| x.spec.name.as_str()).collect();
+                        self.problem(&pitem, format!("security group {g:?} is not a security_group of tenant {:?} (its groups: {}); define it or fix the name", t.name, if known.is_empty() { "none".into() } else { known.join(", ") }));
+                    }
+                }
+                if !p.security_groups.is_empty() && !port_security {
+                    self.problem(&pitem, "security_groups need port_security (an unsecured port may send from any address, so rules could not hold); remove security_groups or set port_security = true");
+                }
+                let max_connections = p.max_connections.unwrap_or(switch.max_connections_per_port);
+                self.in_range(&pitem, "max_connections", max_connections, 1..=1_048_576);
                 ports.push(Port {
                     name: p.name,
                     tenant: t.name.clone(),
@@ -757,11 +790,14 @@ impl Validator {
                     mac,
                     ip,
                     tap,
-                    port_security: p.port_security.unwrap_or(true),
+                    port_security,
                     hostname: p.hostname,
                     host: p.host,
+                    security_groups: p.security_groups,
+                    max_connections,
                 });
             }
+            security_groups.extend(groups);
         }
 
         for n in &networks {
@@ -809,6 +845,7 @@ impl Validator {
             uplinks,
             floating_ips,
             port_forwards,
+            security_groups,
         }
     }
 
@@ -928,11 +965,21 @@ impl Validator {
                 None
             }
         };
+        let max_connections_per_port = s
+            .max_connections_per_port
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        self.in_range(
+            "[switch]",
+            "max_connections_per_port",
+            max_connections_per_port,
+            1..=1_048_576,
+        );
         SwitchSettings {
             mac_table_size,
             mac_aging: Duration::from_secs(aging),
             workers,
             metrics_listen,
+            max_connections_per_port,
         }
     }
 

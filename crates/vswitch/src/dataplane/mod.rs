@@ -32,6 +32,7 @@ use crate::dhcp_service::{DhcpQueue, DhcpRequest, Slot, MAX_MESSAGE};
 use crate::fdb::PortId;
 use crate::pipeline::external::UplinkRt;
 use crate::pipeline::router::{self, Routed};
+use crate::pipeline::security::PortSg;
 use crate::pipeline::{
     arp, dns_local, port_security, Addresses, Bridge, DropCounters, DropReason, Ingress, Verdict,
 };
@@ -136,6 +137,8 @@ pub struct PortRt {
     pub counters: Arc<PortCounters>,
     /// Capture point (rx, tx, drop); survives reloads like the counters.
     pub capture: Arc<PortCapture>,
+    /// Security groups, when the port is filtered.
+    pub sg: Option<PortSg>,
 }
 
 impl PortRt {
@@ -312,6 +315,21 @@ impl Snapshot {
                 dns_local::Outcome::Answered => return Verdict::Reply,
                 dns_local::Outcome::Dropped(r) => return Verdict::Drop(r),
             }
+        }
+        // Security groups, egress: after the switch's own services (DHCP,
+        // ARP, DNS always pass), before any forwarding decision.
+        if let Some(sg) = &ingress.sg {
+            if let Err(r) = sg.admit(
+                ingress.id,
+                firewall::Direction::Egress,
+                &key,
+                buf.frame(),
+                now,
+            ) {
+                return Verdict::Drop(r);
+            }
+        }
+        if let Some((_, gw_mac)) = net.gateway {
             if key.dst_mac == gw_mac {
                 return self.route(ingress, net, &key, buf, now);
             }
@@ -376,7 +394,7 @@ impl Snapshot {
 pub fn inject(port: &PortRt, frame: &[u8]) {
     let mut buf = PacketBuf::from_frame(frame);
     buf.offload = Offload::NONE;
-    transmit(port, &buf);
+    transmit_local(port, &buf);
 }
 
 /// The worker threads.
@@ -620,7 +638,7 @@ fn deliver(snap: &Snapshot, ingress: &PortRt, sc: &mut Scratch, verdict: Verdict
                 overlay::flood_to_peer(snap, net, id, sc);
             }
         }
-        Verdict::Reply => transmit(ingress, &sc.buf),
+        Verdict::Reply => transmit_local(ingress, &sc.buf),
         Verdict::Consumed => {}
         Verdict::Drop(r) => ingress.drop_frame(r, sc.buf.frame()),
     }
@@ -632,9 +650,41 @@ pub(crate) fn transmit(egress: &PortRt, buf: &PacketBuf) {
     transmit_with(egress, &buf.offload, buf.frame());
 }
 
-/// [`transmit`] of `frame` with offload metadata `offload`.
+/// [`transmit`] of `frame` with offload metadata `offload`: a frame
+/// forwarded from elsewhere, so the egress port's security groups judge it
+/// first (ingress direction).
 #[inline]
 pub(crate) fn transmit_with(egress: &PortRt, offload: &Offload, frame: &[u8]) {
+    if let Some(sg) = &egress.sg {
+        let verdict = match FlowKey::parse(frame) {
+            Ok(key) => sg.admit(
+                egress.id,
+                firewall::Direction::Ingress,
+                &key,
+                frame,
+                Timestamp::now(),
+            ),
+            Err(_) => Err(DropReason::RuntFrame),
+        };
+        if let Err(r) = verdict {
+            egress.drop_frame(r, frame);
+            return;
+        }
+    }
+    write_port(egress, offload, frame);
+}
+
+/// Writes a frame the switch made itself (an answer to the port: ARP, DHCP,
+/// DNS, ICMP errors): security groups do not judge the switch's own
+/// services.
+#[inline]
+pub(crate) fn transmit_local(egress: &PortRt, buf: &PacketBuf) {
+    write_port(egress, &buf.offload, buf.frame());
+}
+
+/// Writes to the tap, counting success or the drop on the egress port.
+#[inline]
+fn write_port(egress: &PortRt, offload: &Offload, frame: &[u8]) {
     if egress.tap.detached.load(Ordering::Relaxed) {
         egress.drop_frame(DropReason::EgressDetached, frame);
         return;

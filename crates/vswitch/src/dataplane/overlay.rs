@@ -10,7 +10,7 @@ use packet::{FlowKey, GsoType, Offload, PacketBuf};
 use quinn_udp::RecvMeta;
 use vxlan::{IcmpAction, MtuDecision, VXLAN_HLEN};
 
-use super::{transmit, transmit_with, NetworkRt, PortRt, Scratch, Snapshot};
+use super::{transmit_local, transmit_with, NetworkRt, PortRt, Scratch, Snapshot};
 use crate::clock::Timestamp;
 use crate::fdb::PortId;
 use crate::pipeline::{overlay::check_remote, DropReason, Ingress, Verdict};
@@ -186,7 +186,7 @@ pub(super) fn forward_to_peer(
             };
             if built {
                 sc.aux.offload = Offload::NONE;
-                transmit(ingress, &sc.aux);
+                transmit_local(ingress, &sc.aux);
             }
         }
         return;

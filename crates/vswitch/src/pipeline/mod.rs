@@ -17,6 +17,7 @@ pub mod external;
 pub mod overlay;
 pub mod port_security;
 pub mod router;
+pub mod security;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -154,11 +155,17 @@ pub enum DropReason {
     /// Uplink: a frame not addressed to the switch (the switch routes on
     /// the uplink, it never bridges).
     UplinkNotForUs,
+    /// Security groups: no egress rule of the source port allows the new
+    /// connection.
+    SgEgressDenied,
+    /// Security groups: no ingress rule of the destination port allows the
+    /// new connection.
+    SgIngressDenied,
 }
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 33;
+    pub const COUNT: usize = 35;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -195,6 +202,8 @@ impl DropReason {
         DropReason::ConnInvalid,
         DropReason::NatNoMatch,
         DropReason::UplinkNotForUs,
+        DropReason::SgEgressDenied,
+        DropReason::SgIngressDenied,
     ];
 
     /// Stable snake_case name (counters, JSON, logs).
@@ -233,6 +242,8 @@ impl DropReason {
             DropReason::ConnInvalid => "conn_invalid",
             DropReason::NatNoMatch => "nat_no_match",
             DropReason::UplinkNotForUs => "uplink_not_for_us",
+            DropReason::SgEgressDenied => "sg_egress_denied",
+            DropReason::SgIngressDenied => "sg_ingress_denied",
         }
     }
 

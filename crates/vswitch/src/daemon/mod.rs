@@ -9,6 +9,8 @@
 //! is new. A config that cannot be applied (a tap cannot be created) leaves
 //! the running one in place.
 
+mod connections;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -27,6 +29,7 @@ use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
 use crate::pipeline::external::UplinkRt;
 use crate::pipeline::router::{Leg, Neighbours, Router};
+use crate::pipeline::security::{self, PortSg, SgTable};
 use crate::pipeline::{Addresses, Bridge, DropReason, IpOwner, Leased};
 use crate::tap::Tap;
 use crate::underlay::{PeerCounters, PeerRt, Underlay, VTEP_BASE};
@@ -69,6 +72,14 @@ pub enum ApplyError {
     /// NAT refused the rules.
     #[error("NAT: {0}")]
     Nat(String),
+    /// Security groups did not compile.
+    #[error("security groups of tenant {tenant:?}: {message}")]
+    SecurityGroups {
+        /// The tenant.
+        tenant: String,
+        /// The firewall's message.
+        message: String,
+    },
 }
 
 /// What a reload changed.
@@ -114,6 +125,9 @@ struct State {
     neighbours: HashMap<NetKey, Arc<Neighbours>>,
     /// The uplink's ARP answers, kept across reloads.
     uplink_neighbours: Arc<Neighbours>,
+    /// Compiled security groups per filtering tenant (their hit counters
+    /// carry over to the next compile for unchanged rules).
+    firewalls: HashMap<String, Arc<firewall::Firewall>>,
 }
 
 /// The running switch.
@@ -126,6 +140,7 @@ pub struct Daemon {
     started: Instant,
     underlay: Option<Arc<Underlay>>,
     nat: Arc<Mutex<nat::Nat>>,
+    sg_table: SgTable,
 }
 
 fn empty_snapshot(config: Arc<Config>, nat: Arc<Mutex<nat::Nat>>) -> Snapshot {
@@ -157,6 +172,8 @@ fn uplink_port(cfg: &Config) -> Option<Port> {
         port_security: false,
         hostname: None,
         host: u.host.clone(),
+        security_groups: Vec::new(),
+        max_connections: cfg.switch.max_connections_per_port,
     })
 }
 
@@ -207,6 +224,14 @@ impl Daemon {
         let nat = nat::Nat::new(conntrack::Config::default(), nat::Rules::default())
             .map_err(|e| ApplyError::Nat(e.to_string()))?;
         let nat = Arc::new(Mutex::new(nat));
+        // Per-port caps are the ports' own (`max_connections`, checked by
+        // the stage); the table's is only the global one.
+        let sg_table = conntrack::Conntrack::new(conntrack::Config {
+            max_per_port: usize::MAX,
+            ..conntrack::Config::default()
+        })
+        .map_err(|e| ApplyError::Nat(e.to_string()))?;
+        let sg_table: SgTable = Arc::new(Mutex::new(sg_table));
         let shared = Arc::new(ArcSwap::from_pointee(empty_snapshot(
             config.clone(),
             nat.clone(),
@@ -237,10 +262,12 @@ impl Daemon {
                 remote_statics: HashSet::new(),
                 neighbours: HashMap::new(),
                 uplink_neighbours: Arc::default(),
+                firewalls: HashMap::new(),
             }),
             started: Instant::now(),
             underlay,
             nat,
+            sg_table,
         };
         daemon.apply((*config).clone())?;
         Ok(daemon)
@@ -327,6 +354,9 @@ impl Daemon {
             }
         }
 
+        // Security groups: compiled before anything changes.
+        let firewalls = compile_firewalls(&new, &st)?;
+
         // NAT rules: refused before anything changes. Tracked connections
         // keep their mappings.
         self.nat
@@ -405,6 +435,27 @@ impl Daemon {
         }
         report.removed_ports = removed.clone();
         report.removed_ports.sort();
+
+        // Tracked connections of ports that go or change are forgotten; the
+        // ICMP ones of every port are judged again by the new rules at once
+        // (other connections keep running until they end: docs).
+        {
+            let mut ct = self.sg_table.lock();
+            for name in removed.iter().chain(report.changed_ports.iter()) {
+                if let Some(old) = st.ports.get(name) {
+                    ct.flush_zone(security::zone_of(old.id));
+                }
+            }
+            let now = Timestamp::now().0;
+            let icmp: Vec<conntrack::ConnId> = ct
+                .entries(now)
+                .filter(|e| e.orig.is_icmp())
+                .map(|e| e.id)
+                .collect();
+            for id in icmp {
+                ct.remove(id);
+            }
+        }
 
         // 3. Stop polling what goes away or gets a new tap; those taps go
         //    when their last handle drops.
@@ -566,6 +617,8 @@ impl Daemon {
                 neighbours: &neighbours,
                 uplink_neighbours: &st.uplink_neighbours,
                 nat: &self.nat,
+                firewalls: &firewalls,
+                sg_table: &self.sg_table,
             },
             &self.dhcp.queue(),
         );
@@ -589,6 +642,7 @@ impl Daemon {
         st.peer_counters = peer_counters;
         st.remote_statics = remote_statics;
         st.neighbours = neighbours;
+        st.firewalls = firewalls;
         st.config = new;
         report.added_ports.sort();
         report.changed_ports.sort();
@@ -610,140 +664,7 @@ impl Daemon {
         // full table drains over several ticks; lookups never see an
         // expired entry meanwhile).
         self.nat.lock().expire(now.0, 65_536);
-    }
-
-    /// `conntrack` data: tracked connections, optionally of one tenant
-    /// (see docs/cli.md).
-    pub fn conntrack(&self, tenant: Option<&str>, now: Timestamp) -> Result<Value, String> {
-        let cfg = self.config();
-        let zone = match tenant {
-            None => None,
-            Some(t) if cfg.tenants.iter().any(|x| x == t) => Some(cfg.zone_of(t)),
-            Some(t) => {
-                return Err(format!(
-                    "no tenant {t:?}; tenants: {}",
-                    cfg.tenants.join(", ")
-                ))
-            }
-        };
-        let nat = self.nat.lock();
-        let ct = nat.conntrack();
-        let zone_name = |z: u32| -> String {
-            if z == nat::EXTERNAL_ZONE {
-                "external".into()
-            } else {
-                cfg.tenant_of_zone(z).unwrap_or("?").to_string()
-            }
-        };
-        let side = |k: &conntrack::ConnKey| {
-            let proto = conntrack::proto_name(k.proto, k.is_v6())
-                .map_or_else(|| k.proto.to_string(), str::to_string);
-            let (src, dst) = if k.is_icmp() {
-                (
-                    k.src.to_string(),
-                    format!("{} (id {} type {})", k.dst, k.src_port, k.dst_port),
-                )
-            } else if k.src_port == 0 && k.dst_port == 0 {
-                (k.src.to_string(), k.dst.to_string())
-            } else {
-                (
-                    std::net::SocketAddr::new(k.src, k.src_port).to_string(),
-                    std::net::SocketAddr::new(k.dst, k.dst_port).to_string(),
-                )
-            };
-            json!({"zone": zone_name(k.zone), "proto": proto, "src": src, "dst": dst})
-        };
-        let snap = self.shared.load();
-        let entries: Vec<Value> = ct
-            .entries(now.0)
-            .filter(|e| zone.is_none_or(|z| e.orig.zone == z || e.reply.zone == z))
-            .map(|e| {
-                json!({
-                    "original": side(&e.orig), "reply": side(&e.reply),
-                    "state": e.state.as_str(), "nat": e.ext.kind,
-                    "port": snap.location_name(e.port),
-                    "age_secs": e.age_ns / 1_000_000_000,
-                    "expires_secs": e.remaining_ns / 1_000_000_000,
-                    "packets": [e.stats[0].packets, e.stats[1].packets],
-                    "bytes": [e.stats[0].bytes, e.stats[1].bytes],
-                })
-            })
-            .collect();
-        Ok(json!({
-            "count": entries.len(), "total": ct.len(),
-            "max_entries": ct.config().max_entries,
-            "max_per_port": ct.config().max_per_port,
-            "stats": ct.stats(), "entries": entries,
-        }))
-    }
-
-    /// `nat` data: this host's external addresses, rules, port pools,
-    /// mappings and counters (see docs/cli.md).
-    pub fn nat(&self) -> Value {
-        let cfg = self.config();
-        let here = |h: &Option<String>| h.as_deref() == cfg.local_host.as_deref();
-        let up = cfg.local_uplink();
-        let snat: Vec<Value> = cfg
-            .networks
-            .iter()
-            .filter(|n| n.snat && up.is_some())
-            .map(|n| {
-                json!({"tenant": n.tenant, "network": n.name, "cidr": n.cidr.to_string(),
-                "external": up.map(|u| u.ip().to_string())})
-            })
-            .collect();
-        let floating: Vec<Value> = cfg
-            .floating_ips
-            .iter()
-            .filter(|f| here(&f.host))
-            .map(|f| {
-                json!({"tenant": f.tenant, "port": f.port, "external": f.address.to_string(),
-                "inside": f.inside.to_string()})
-            })
-            .collect();
-        let forwards: Vec<Value> = cfg
-            .port_forwards
-            .iter()
-            .filter(|f| here(&f.host))
-            .map(|f| {
-                json!({"tenant": f.tenant, "port": f.port, "proto": f.proto,
-                "external": f.external.to_string(), "inside": f.inside.to_string()})
-            })
-            .collect();
-        let nat = self.nat.lock();
-        let proto = |p: u8| match p {
-            6 => "tcp".to_string(),
-            17 => "udp".to_string(),
-            1 => "icmp".to_string(),
-            p => p.to_string(),
-        };
-        let pools: Vec<Value> = nat
-            .pools()
-            .into_iter()
-            .map(|p| {
-                json!({"external": p.external.to_string(), "proto": proto(p.proto),
-                "range": format!("{}-{}", p.range.0, p.range.1), "ports": p.ports,
-                "used": p.used, "reserved": p.reserved, "free": p.free})
-            })
-            .collect();
-        let mappings: Vec<Value> = nat
-            .mappings()
-            .into_iter()
-            .map(|m| {
-                json!({"tenant": cfg.tenant_of_zone(m.zone), "proto": proto(m.proto),
-                "inside": m.inside.to_string(), "external": m.external.to_string(),
-                "connections": m.connections})
-            })
-            .collect();
-        json!({
-            "pools": pools, "mappings": mappings,
-            "uplink": up.map(|u| json!({"name": u.name, "address": u.addr.to_string(),
-                "gateway": u.gateway.map(|g| g.to_string()), "mac": u.mac.to_string(),
-                "snat_ports": format!("{}-{}", u.snat_ports.0, u.snat_ports.1)})),
-            "snat": snat, "floating_ips": floating, "port_forwards": forwards,
-            "connections": nat.conntrack().len(),
-            "stats": nat.stats(),
-        })
+        self.sg_table.lock().expire(now.0, 65_536);
     }
 
     /// Stops the workers and removes every tap (a clean stop; a crash
@@ -1026,6 +947,42 @@ fn add_peers(
     snap.underlay = Some(ul);
 }
 
+/// Compiles the security groups of every tenant of `cfg` that has some,
+/// with member addresses from the config and this host's leases, carrying
+/// hit counters over from the running ones.
+fn compile_firewalls(
+    cfg: &Config,
+    st: &State,
+) -> Result<HashMap<String, Arc<firewall::Firewall>>, ApplyError> {
+    let mut out = HashMap::new();
+    for t in cfg.tenants.iter().filter(|t| cfg.tenant_filters(t)) {
+        let leased = |p: &Port| -> Vec<IpAddr> {
+            st.leased
+                .get(&p.net_key())
+                .map(|l| {
+                    l.load()
+                        .iter()
+                        .filter(|(_, mac)| **mac == p.mac)
+                        .map(|(ip, _)| IpAddr::V4(*ip))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let members = cfg.group_members(t, &leased);
+        let fw = firewall::Firewall::compile_with_previous(
+            &cfg.tenant_groups(t),
+            &members,
+            st.firewalls.get(t).map(|f| &**f),
+        )
+        .map_err(|e| ApplyError::SecurityGroups {
+            tenant: t.clone(),
+            message: e.to_string(),
+        })?;
+        out.insert(t.clone(), Arc::new(fw));
+    }
+    Ok(out)
+}
+
 /// State that outlives a snapshot, by network or tenant.
 struct Kept<'a> {
     leased: &'a HashMap<NetKey, Arc<ArcSwap<Leased>>>,
@@ -1033,6 +990,8 @@ struct Kept<'a> {
     neighbours: &'a HashMap<NetKey, Arc<Neighbours>>,
     uplink_neighbours: &'a Arc<Neighbours>,
     nat: &'a Arc<Mutex<nat::Nat>>,
+    firewalls: &'a HashMap<String, Arc<firewall::Firewall>>,
+    sg_table: &'a SgTable,
 }
 
 fn build_snapshot(
@@ -1049,6 +1008,8 @@ fn build_snapshot(
         neighbours,
         uplink_neighbours,
         nat,
+        firewalls,
+        sg_table,
     } = kept;
     let max_id = ports.values().map(|p| p.id as usize + 1).max().unwrap_or(0);
     let mut by_id: Vec<Option<Arc<PortRt>>> = vec![None; max_id];
@@ -1065,9 +1026,24 @@ fn build_snapshot(
                 continue;
             };
             ids.push(ps.id);
+            let sg = firewalls
+                .get(&p.tenant)
+                .filter(|_| cfg.port_filtered(p))
+                .map(|fw| PortSg {
+                    fw: fw.clone(),
+                    groups: cfg
+                        .port_groups(p)
+                        .iter()
+                        .filter_map(|g| fw.group_id(g))
+                        .collect(),
+                    zone: security::zone_of(ps.id),
+                    max_connections: p.max_connections,
+                    table: (*sg_table).clone(),
+                });
             by_id[ps.id as usize] = Some(Arc::new(PortRt {
                 id: ps.id,
                 kind: PortKind::Vm,
+                sg,
                 name: p.name.clone(),
                 tenant: p.tenant.clone(),
                 net: idx,
@@ -1158,6 +1134,7 @@ fn build_snapshot(
             tap: ps.tap.clone(),
             counters: ps.counters.clone(),
             capture: ps.capture.clone(),
+            sg: None,
         }));
         Some(UplinkRt {
             port: ps.id,

@@ -1,0 +1,312 @@
+//! What the running switch tells about connections: `vswitchctl
+//! conntrack` (NAT's table and the security groups' table), `conntrack
+//! flush`, `nat` and `sg`.
+
+use std::net::SocketAddr;
+
+use serde_json::{json, Value};
+
+use super::{drop_map, Daemon};
+use crate::clock::Timestamp;
+use crate::config::Config;
+use crate::dataplane::Snapshot;
+use crate::pipeline::security;
+use crate::pipeline::DropReason;
+
+/// One direction's key as `vswitchctl` shows it, with its zone named by
+/// `zone`.
+fn side(k: &conntrack::ConnKey, zone: String) -> Value {
+    let proto = conntrack::proto_name(k.proto, k.is_v6())
+        .map_or_else(|| k.proto.to_string(), str::to_string);
+    let (src, dst) = if k.is_icmp() {
+        (
+            k.src.to_string(),
+            format!("{} (id {} type {})", k.dst, k.src_port, k.dst_port),
+        )
+    } else if k.src_port == 0 && k.dst_port == 0 {
+        (k.src.to_string(), k.dst.to_string())
+    } else {
+        (
+            SocketAddr::new(k.src, k.src_port).to_string(),
+            SocketAddr::new(k.dst, k.dst_port).to_string(),
+        )
+    };
+    json!({"zone": zone, "proto": proto, "src": src, "dst": dst})
+}
+
+/// Common fields of an entry.
+fn entry_json<E>(
+    e: &conntrack::EntryView<'_, E>,
+    snap: &Snapshot,
+    orig: Value,
+    reply: Value,
+) -> Value {
+    json!({
+        "original": orig, "reply": reply,
+        "state": e.state.as_str(),
+        "port": snap.location_name(e.port),
+        "age_secs": e.age_ns / 1_000_000_000,
+        "expires_secs": e.remaining_ns / 1_000_000_000,
+        "packets": [e.stats[0].packets, e.stats[1].packets],
+        "bytes": [e.stats[0].bytes, e.stats[1].bytes],
+    })
+}
+
+/// The NAT zone's name: a tenant, or `external`.
+fn nat_zone(cfg: &Config, z: u32) -> String {
+    if z == nat::EXTERNAL_ZONE {
+        "external".into()
+    } else {
+        cfg.tenant_of_zone(z).unwrap_or("?").to_string()
+    }
+}
+
+impl Daemon {
+    /// `conntrack` data: tracked connections of NAT (table `nat`) and of
+    /// security groups (table `sg`, one zone per port), optionally of one
+    /// tenant or one port (see docs/cli.md).
+    pub fn conntrack(
+        &self,
+        tenant: Option<&str>,
+        port: Option<&str>,
+        now: Timestamp,
+    ) -> Result<Value, String> {
+        let cfg = self.config();
+        let snap = self.shared.load();
+        let zone = match tenant {
+            None => None,
+            Some(t) if cfg.tenants.iter().any(|x| x == t) => Some(cfg.zone_of(t)),
+            Some(t) => {
+                return Err(format!(
+                    "no tenant {t:?}; tenants: {}",
+                    cfg.tenants.join(", ")
+                ))
+            }
+        };
+        let port_id = match port {
+            None => None,
+            Some(p) => Some(
+                snap.iter_ports()
+                    .find(|x| x.name == p)
+                    .map(|x| x.id)
+                    .ok_or_else(|| format!("no port {p:?} on this host"))?,
+            ),
+        };
+        let tenant_of_port = |id: crate::fdb::PortId| snap.port(id).map(|p| p.tenant.as_str());
+        let mut entries: Vec<Value> = Vec::new();
+        let (nat_total, nat_stats, max_entries) = {
+            let nat = self.nat.lock();
+            let ct = nat.conntrack();
+            for e in ct.entries(now.0) {
+                if zone.is_some_and(|z| e.orig.zone != z && e.reply.zone != z)
+                    || port_id.is_some_and(|p| e.port != p)
+                {
+                    continue;
+                }
+                let mut v = entry_json(
+                    &e,
+                    &snap,
+                    side(&e.orig, nat_zone(&cfg, e.orig.zone)),
+                    side(&e.reply, nat_zone(&cfg, e.reply.zone)),
+                );
+                v["table"] = json!("nat");
+                v["nat"] = json!(e.ext.kind);
+                entries.push(v);
+            }
+            (
+                ct.len(),
+                serde_json::to_value(ct.stats()).unwrap_or_default(),
+                ct.config().max_entries,
+            )
+        };
+        let (sg_total, sg_stats) = {
+            let ct = self.sg_table.lock();
+            for e in ct.entries(now.0) {
+                if zone.is_some_and(|_| tenant_of_port(e.port) != tenant)
+                    || port_id.is_some_and(|p| e.port != p)
+                {
+                    continue;
+                }
+                let name = snap
+                    .port(e.port)
+                    .map_or_else(|| "?".to_string(), |p| format!("port {}", p.name));
+                let mut v =
+                    entry_json(&e, &snap, side(&e.orig, name.clone()), side(&e.reply, name));
+                v["table"] = json!("sg");
+                v["rule"] = json!({"group": e.ext.rule.group, "rule": e.ext.rule.rule + 1,
+                    "direction": e.ext.dir});
+                entries.push(v);
+            }
+            (
+                ct.len(),
+                serde_json::to_value(ct.stats()).unwrap_or_default(),
+            )
+        };
+        Ok(json!({
+            "count": entries.len(), "total": nat_total + sg_total,
+            "nat": {"total": nat_total, "max_entries": max_entries, "stats": nat_stats},
+            "sg": {"total": sg_total, "stats": sg_stats},
+            "entries": entries,
+        }))
+    }
+
+    /// `conntrack flush --port P`: forgets the port's tracked connections
+    /// (its security-group zone, and the NAT connections it created).
+    pub fn conntrack_flush(&self, port: &str) -> Result<Value, String> {
+        let snap = self.shared.load();
+        let id = snap
+            .iter_ports()
+            .find(|x| x.name == port)
+            .map(|x| x.id)
+            .ok_or_else(|| format!("no port {port:?} on this host"))?;
+        let sg = self.sg_table.lock().flush_zone(security::zone_of(id));
+        let nat = self.nat.lock().flush_port(id);
+        Ok(json!({"port": port, "flushed": {"sg": sg, "nat": nat}}))
+    }
+
+    /// `sg` data: each filtering tenant's groups with per-rule hit
+    /// counters, and each filtered port's groups, tracked connections and
+    /// drops (see docs/cli.md).
+    pub fn sg(&self, port: Option<&str>) -> Result<Value, String> {
+        let cfg = self.config();
+        let snap = self.shared.load();
+        if let Some(p) = port {
+            if !snap.iter_ports().any(|x| x.name == p) {
+                return Err(format!("no port {p:?} on this host"));
+            }
+        }
+        let firewalls = self.state.lock().firewalls.clone();
+        let ct = self.sg_table.lock();
+        let mut tenants: Vec<Value> = Vec::new();
+        for t in &cfg.tenants {
+            let Some(fw) = firewalls.get(t) else { continue };
+            let groups: Vec<Value> = cfg
+                .tenant_groups(t)
+                .iter()
+                .filter_map(|g| {
+                    let gid = fw.group_id(&g.name)?;
+                    let rules: Vec<Value> = g
+                        .rules
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| {
+                            let hits = fw.hits(firewall::RuleRef {
+                                group: gid,
+                                rule: u32::try_from(i).unwrap_or(u32::MAX),
+                            });
+                            json!({
+                                "number": i + 1, "direction": r.direction, "family": r.family,
+                                "proto": r.proto,
+                                "ports": r.ports.map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }),
+                                "icmp_type": r.icmp_type, "icmp_code": r.icmp_code,
+                                "remote": match &r.remote {
+                                    firewall::Remote::Any => "any".to_string(),
+                                    firewall::Remote::Cidr(n) => n.to_string(),
+                                    firewall::Remote::Group(g) => format!("group {g}"),
+                                },
+                                "hits": hits,
+                            })
+                        })
+                        .collect();
+                    Some(json!({"name": g.name, "rules": rules}))
+                })
+                .collect();
+            tenants.push(json!({"tenant": t, "groups": groups}));
+        }
+        let ports: Vec<Value> = snap
+            .iter_ports()
+            .filter(|p| port.is_none_or(|n| n == p.name))
+            .filter_map(|p| {
+                let sg = p.sg.as_ref()?;
+                let names: Vec<String> = cfg
+                    .ports
+                    .iter()
+                    .find(|c| c.name == p.name)
+                    .map(|c| cfg.port_groups(c))
+                    .unwrap_or_default();
+                let (drops, _) = drop_map(|r| match r {
+                    DropReason::SgIngressDenied
+                    | DropReason::SgEgressDenied
+                    | DropReason::ConnLimit
+                    | DropReason::ConnInvalid => p.counters.drops(r),
+                    _ => 0,
+                });
+                Some(json!({
+                    "port": p.name, "tenant": p.tenant, "groups": names,
+                    "connections": ct.port_count(p.id), "max_connections": sg.max_connections,
+                    "drops": drops,
+                }))
+            })
+            .collect();
+        Ok(json!({"tenants": tenants, "ports": ports, "connections": ct.len()}))
+    }
+
+    /// `nat` data: this host's external addresses, rules, port pools,
+    /// mappings and counters (see docs/cli.md).
+    pub fn nat(&self) -> Value {
+        let cfg = self.config();
+        let here = |h: &Option<String>| h.as_deref() == cfg.local_host.as_deref();
+        let up = cfg.local_uplink();
+        let snat: Vec<Value> = cfg
+            .networks
+            .iter()
+            .filter(|n| n.snat && up.is_some())
+            .map(|n| {
+                json!({"tenant": n.tenant, "network": n.name, "cidr": n.cidr.to_string(),
+                "external": up.map(|u| u.ip().to_string())})
+            })
+            .collect();
+        let floating: Vec<Value> = cfg
+            .floating_ips
+            .iter()
+            .filter(|f| here(&f.host))
+            .map(|f| {
+                json!({"tenant": f.tenant, "port": f.port, "external": f.address.to_string(),
+                "inside": f.inside.to_string()})
+            })
+            .collect();
+        let forwards: Vec<Value> = cfg
+            .port_forwards
+            .iter()
+            .filter(|f| here(&f.host))
+            .map(|f| {
+                json!({"tenant": f.tenant, "port": f.port, "proto": f.proto,
+                "external": f.external.to_string(), "inside": f.inside.to_string()})
+            })
+            .collect();
+        let nat = self.nat.lock();
+        let proto = |p: u8| match p {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            1 => "icmp".to_string(),
+            p => p.to_string(),
+        };
+        let pools: Vec<Value> = nat
+            .pools()
+            .into_iter()
+            .map(|p| {
+                json!({"external": p.external.to_string(), "proto": proto(p.proto),
+                "range": format!("{}-{}", p.range.0, p.range.1), "ports": p.ports,
+                "used": p.used, "reserved": p.reserved, "free": p.free})
+            })
+            .collect();
+        let mappings: Vec<Value> = nat
+            .mappings()
+            .into_iter()
+            .map(|m| {
+                json!({"tenant": cfg.tenant_of_zone(m.zone), "proto": proto(m.proto),
+                "inside": m.inside.to_string(), "external": m.external.to_string(),
+                "connections": m.connections})
+            })
+            .collect();
+        json!({
+            "pools": pools, "mappings": mappings,
+            "uplink": up.map(|u| json!({"name": u.name, "address": u.addr.to_string(),
+                "gateway": u.gateway.map(|g| g.to_string()), "mac": u.mac.to_string(),
+                "snat_ports": format!("{}-{}", u.snat_ports.0, u.snat_ports.1)})),
+            "snat": snat, "floating_ips": floating, "port_forwards": forwards,
+            "connections": nat.conntrack().len(),
+            "stats": nat.stats(),
+        })
+    }
+}
