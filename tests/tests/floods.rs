@@ -8,6 +8,7 @@
 //! | ARP requests for random addresses | 20,000 | a VM | flooded in its network only (another tenant captures none); the ARP responder answers during the storm; `rx_packets` >= sent |
 //! | broadcast, ethertype 0x88b5 | 20,000 | a VM | reaches its own network only |
 //! | VXLAN, random VNIs | 5,000 | a non-peer on the underlay | `rx_not_peer` rises by exactly what each host got; no VM sees it; cross-host ping works |
+//! | UDP, one new flow per frame, through SNAT | 50,000 | a VM | SNAT's 10,000-port range fills exactly; the other 40,000 are `nat_ports_exhausted`; the NAT table holds 10,000 connections; existing flows keep working |
 //!
 //! The senders are python3 raw sockets in the attacker's namespace, paced
 //! (100 frames, then 5 ms) so that the kernel between the VM and the switch
@@ -52,7 +53,10 @@ fn one_flood_at_a_time() -> MutexGuard<'static, ()> {
 ///   OUR_IP for PREFIX24.x, x random in 2..254 but not in EXCLUDE, padded
 ///   to 60 bytes with the marker ARPSTORM;
 /// - `bcast OUR_MAC`: to ff:ff:ff:ff:ff:ff, ethertype 0x88b5, marker
-///   BCASTSTORM, 60 bytes.
+///   BCASTSTORM, 60 bytes;
+/// - `udp OUR_MAC GW_MAC OUR_IP DST_IP DST_PORT FIRST_SPORT`: UDP from
+///   OUR_IP:(FIRST_SPORT + i) to DST_IP:DST_PORT through the gateway, one
+///   new flow per frame (no UDP checksum), marker UDPFLOOD.
 const FLOOD_PY: &str = r#"
 import random, socket, struct, sys, time
 kind, ifname, count, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -100,6 +104,14 @@ elif kind == "bcast":
     for i in range(count):
         f = b"\xff" * 6 + ours + b"\x88\xb5" + b"BCASTSTORM" + struct.pack("!I", i)
         frames.append(f + bytes(60 - len(f)))
+elif kind == "udp":
+    ours, gw, src, dst = mac(args[0]), mac(args[1]), socket.inet_aton(args[2]), socket.inet_aton(args[3])
+    dport, first = int(args[4]), int(args[5])
+    for i in range(count):
+        udp = struct.pack("!HHHH", first + i, dport, 8 + 12, 0) + b"UDPFLOOD" + struct.pack("!I", i)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xffff, 0, 64, 17, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+        frames.append(gw + ours + b"\x08\x00" + ip + udp)
 else:
     sys.exit("unknown kind " + kind)
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -986,4 +998,137 @@ fn vxlan_from_a_non_peer_with_random_vnis() {
     lab.assert_ping(&g1, "10.0.1.12", 3);
     assert_no_panic(&lab.log(&ha));
     assert_no_panic(&lab.log(&hb));
+}
+
+#[test]
+fn udp_flows_exhaust_snat_ports_and_nothing_else() {
+    if !netns_or_skip() || !tools_or_skip(&["python3", "ping", "iperf3"]) {
+        return;
+    }
+    let _turn = one_flood_at_a_time();
+    let n = Names::new("fsn");
+    let dir = TestDir::new();
+    let (atk, ext, b1, b2) = (n.port("atk"), n.port("ext"), n.port("b1"), n.port("b2"));
+    let atk_mac = "02:00:00:64:00:0a";
+    let mut text = bystander_toml(
+        &n,
+        6400,
+        "10.64.0",
+        ("02:00:00:64:00:21", "02:00:00:64:00:22"),
+    );
+    text.push_str(&format!(
+        r#"
+[[uplink]]
+name = "{ext}"
+tap = "{ext_tap}"
+address = "203.0.113.2/24"
+gateway = "203.0.113.1"
+snat_ports = "20000-29999"
+
+[[tenant]]
+name = "vic"
+  [[tenant.network]]
+  name = "lan"
+  vni = 6500
+  cidr = "10.64.0.0/24"
+  gateway = "10.64.0.1"
+  snat = true
+
+  [[tenant.port]]
+  name = "{atk}"
+  network = "lan"
+  tap = "{atk_tap}"
+  mac = "{atk_mac}"
+  ip = "10.64.0.10"
+"#,
+        ext_tap = n.tap("ext"),
+        atk_tap = n.tap("atk"),
+    ));
+    let path = dir.write("vswitch.toml", &text);
+    let flood_py = script(&dir, "flood.py", FLOOD_PY);
+    let sw = Switch::start(&dir, &path);
+    let lab = Lab::up(&path, &[atk.clone(), ext.clone(), b1.clone(), b2.clone()]);
+    lab.assert_ping(&b1, "10.64.0.22", 2);
+    // The attacker learns its gateway's MAC; the switch its next hop's
+    // (the first echo request waits for that ARP answer and is dropped).
+    let o = lab.ping(&atk, "203.0.113.1", 3);
+    assert!(o.status.success(), "{}", fmt_output(&o));
+    let neigh = lab.exec(&atk, &["ip", "neigh", "show", "10.64.0.1"]);
+    let neigh = String::from_utf8_lossy(&neigh.stdout).to_string();
+    let gw_mac = neigh
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no gateway MAC in {neigh:?}"))
+        .to_string();
+    let p0 = port_of(&sw, &atk);
+    let nat0 = sw.ctl(&["nat"]);
+
+    const COUNT: u64 = 50_000;
+    let mut work = Workload::start(&dir, "bys", &b1, &b2, "10.64.0.22", 6);
+    let flood = lab.spawn(
+        &dir,
+        &atk,
+        "flood",
+        &[
+            "python3",
+            &flood_py,
+            "udp",
+            "eth0",
+            &COUNT.to_string(),
+            "1",
+            "100",
+            "0.005",
+            atk_mac,
+            &gw_mac,
+            "10.64.0.10",
+            "203.0.113.1",
+            "9",
+            "10000",
+        ],
+    );
+    let sent = finish_flood(flood, COUNT);
+    assert!(
+        work.running(),
+        "the flood outlasted the bystanders' traffic"
+    );
+    let report = work.finish();
+
+    let mut p1 = Value::Null;
+    let counted = wait_until(Duration::from_secs(10), || {
+        p1 = port_of(&sw, &atk);
+        num(&p1, "rx_packets") - num(&p0, "rx_packets") >= COUNT
+    });
+    let exhausted = drop_count(&p1, "nat_ports_exhausted") - drop_count(&p0, "nat_ports_exhausted");
+    let nat = sw.ctl(&["nat"]);
+    let udp_pool = nat["pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["proto"] == "udp" && p["external"] == "203.0.113.2")
+        .cloned()
+        .unwrap_or(Value::Null);
+    eprintln!(
+        "SNAT flood: sent {} in {:.2} s ({} retries), exhausted {exhausted}, pool {udp_pool}, \
+         connections {}",
+        sent.sent, sent.secs, sent.retries, nat["connections"]
+    );
+    assert!(counted, "the switch saw every frame: {p1}");
+    assert_eq!(udp_pool["used"], 10_000, "{nat:#}");
+    assert_eq!(udp_pool["free"], 0, "{nat:#}");
+    assert_eq!(exhausted, COUNT - 10_000, "{p1}");
+    assert_eq!(
+        num(&nat["stats"], "ports_exhausted") - num(&nat0["stats"], "ports_exhausted"),
+        COUNT - 10_000
+    );
+    assert!(
+        nat["connections"].as_u64().unwrap_or(0) >= 10_000
+            && nat["connections"].as_u64().unwrap_or(0) <= 10_010,
+        "{nat:#}"
+    );
+    assert_bystanders("SNAT flood", &report);
+    // The attacker's earlier connection (its ping) kept its mapping; ICMP
+    // has its own identifier pool, so ping still goes out.
+    lab.assert_ping(&atk, "203.0.113.1", 2);
+    assert_no_panic(&sw.log());
 }
