@@ -648,6 +648,15 @@ impl Switch {
         self.pid
     }
 
+    /// Waits for the daemon to exit by itself (e.g. after `vswitchctl
+    /// restart`); its exit status, or `None` if it still runs after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let st = wait_child(self.child.as_mut()?, timeout)?;
+        self.child = None;
+        Some(st)
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

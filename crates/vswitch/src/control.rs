@@ -54,6 +54,9 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<String>,
     },
+    /// Graceful restart: save connections, keep taps, exit (a supervisor
+    /// or the operator starts vswitchd again, which restores them).
+    Restart {},
     /// Forget a port's tracked connections.
     ConntrackFlush {
         /// The port.
@@ -104,6 +107,10 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
             daemon.conntrack(tenant.as_deref(), port.as_deref(), Timestamp::now())
         }
         Request::ConntrackFlush { port } => daemon.conntrack_flush(&port),
+        Request::Restart {} => {
+            daemon.request_restart();
+            Ok(json!({"restarting": true}))
+        }
         Request::Sg { port } => daemon.sg(port.as_deref()),
         Request::Nat {} => Ok(daemon.nat()),
         Request::Reload {} => daemon

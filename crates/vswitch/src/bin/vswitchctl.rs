@@ -34,6 +34,10 @@ enum Cmd {
     },
     /// Re-read the config file; a bad file keeps the running config.
     Reload,
+    /// Graceful restart: the daemon saves its connections (NAT, security
+    /// groups) to its state directory, keeps the VMs' taps and exits;
+    /// start vswitchd again (a supervisor does) and it restores them.
+    Restart,
     /// DHCP leases: MAC, IP, host name, state, expiry, port.
     Leases {
         /// Only this network: TENANT/NETWORK, or NETWORK.
@@ -159,6 +163,7 @@ fn main() -> ExitCode {
             network: network.clone(),
         },
         Cmd::Reload => Request::Reload {},
+        Cmd::Restart => Request::Restart {},
         Cmd::Leases { network } => Request::Leases {
             network: network.clone(),
         },
@@ -226,6 +231,10 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         Cmd::Sg { .. } => render_sg(d),
         Cmd::Nat => render_nat(d),
         Cmd::Capture { .. } => String::new(),
+        Cmd::Restart => {
+            "vswitchd is stopping for a restart: connections saved, taps kept; start it again\n"
+                .into()
+        }
         Cmd::Reload => {
             let list = |k: &str| {
                 let v: Vec<String> = d[k]

@@ -138,6 +138,9 @@ async fn run(args: Args, config: Config) -> ExitCode {
             }
         },
     };
+    daemon.restore_connections();
+    let restart = daemon.restart_requested();
+    let mut restarting = false;
     let mut aging = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -150,16 +153,32 @@ async fn run(args: Args, config: Config) -> ExitCode {
                 }
             }
             _ = aging.tick() => daemon.age(Timestamp::now()),
+            _ = restart.notified() => {
+                restarting = true;
+                break;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    tracing::info!("stopping: removing taps");
     server.abort();
     if let Some(m) = metrics {
         m.abort();
     }
-    daemon.shutdown();
+    if restarting {
+        match daemon.shutdown_for_restart() {
+            Ok(n) => tracing::info!(
+                connections = n,
+                "stopping for a restart: taps kept, connections saved"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "stopping for a restart: taps kept, connections NOT saved")
+            }
+        }
+    } else {
+        tracing::info!("stopping: removing taps");
+        daemon.shutdown();
+    }
     let _ = std::fs::remove_file(&args.socket);
     ExitCode::SUCCESS
 }

@@ -310,3 +310,102 @@ impl Daemon {
         })
     }
 }
+
+/// File under the state directory holding connections across a graceful
+/// restart (`vswitchctl restart`).
+pub const SAVED_CONNECTIONS: &str = "connections.json";
+/// A saved-connections file older than this is ignored (its connections
+/// have long been given up by their peers).
+pub const SAVED_MAX_AGE_SECS: u64 = 300;
+
+/// What `vswitchctl restart` saves.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Saved {
+    version: u32,
+    /// Wall-clock seconds when saved.
+    saved_at: u64,
+    /// Port ids by name: security-group zones are port ids, so they are
+    /// restored only if every saved port has the same id again.
+    ports: std::collections::BTreeMap<String, u32>,
+    nat: nat::NatSnapshot,
+    sg: conntrack::Snapshot<security::SgConn>,
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Daemon {
+    fn port_ids(&self) -> std::collections::BTreeMap<String, u32> {
+        self.shared
+            .load()
+            .iter_ports()
+            .map(|p| (p.name.clone(), p.id))
+            .collect()
+    }
+
+    /// Writes NAT's and the security groups' connections to the state
+    /// directory (before a restart); the number saved.
+    pub fn save_connections(&self) -> std::io::Result<usize> {
+        let now = Timestamp::now().0;
+        let saved = Saved {
+            version: 1,
+            saved_at: unix_secs(),
+            ports: self.port_ids(),
+            nat: self.nat.lock().export(now),
+            sg: self.sg_table.lock().export(now),
+        };
+        let n = saved.nat.conntrack.entries.len() + saved.sg.entries.len();
+        let text = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+        std::fs::create_dir_all(&self.state_dir)?;
+        let path = self.state_dir.join(SAVED_CONNECTIONS);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(n)
+    }
+
+    /// Restores connections saved by a graceful restart, once: the file is
+    /// removed whatever happens. A missing file is normal (a first start or
+    /// a crash); a stale, unreadable or mismatched one is logged and
+    /// ignored.
+    pub fn restore_connections(&self) {
+        let path = self.state_dir.join(SAVED_CONNECTIONS);
+        let Ok(text) = std::fs::read(&path) else {
+            return;
+        };
+        let _ = std::fs::remove_file(&path);
+        let saved: Saved = match serde_json::from_slice(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "saved connections unreadable; ignored");
+                return;
+            }
+        };
+        let age = unix_secs().saturating_sub(saved.saved_at);
+        if saved.version != 1 || age > SAVED_MAX_AGE_SECS {
+            tracing::warn!(file = %path.display(), age_secs = age, "saved connections too old or of another version; ignored");
+            return;
+        }
+        let now = Timestamp::now().0;
+        match self.nat.lock().import(saved.nat, now) {
+            Ok(r) => tracing::info!(report = ?r, "NAT connections restored"),
+            Err(e) => tracing::warn!(error = %e, "NAT connections not restored"),
+        }
+        let ids = self.port_ids();
+        let same = saved
+            .ports
+            .iter()
+            .all(|(name, id)| ids.get(name).is_none_or(|i| i == id));
+        if !same {
+            tracing::warn!("ports have other ids than before the restart; security-group connections not restored (established flows of filtered ports start over)");
+            return;
+        }
+        match self.sg_table.lock().import(saved.sg, now) {
+            Ok(r) => tracing::info!(report = ?r, "security-group connections restored"),
+            Err(e) => tracing::warn!(error = %e, "security-group connections not restored"),
+        }
+    }
+}

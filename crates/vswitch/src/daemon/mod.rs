@@ -141,6 +141,10 @@ pub struct Daemon {
     underlay: Option<Arc<Underlay>>,
     nat: Arc<Mutex<nat::Nat>>,
     sg_table: SgTable,
+    state_dir: std::path::PathBuf,
+    /// Set by `vswitchctl restart`; the control loop stops the switch
+    /// without removing taps, after saving connections.
+    restart: Arc<tokio::sync::Notify>,
 }
 
 fn empty_snapshot(config: Arc<Config>, nat: Arc<Mutex<nat::Nat>>) -> Snapshot {
@@ -268,6 +272,8 @@ impl Daemon {
             underlay,
             nat,
             sg_table,
+            state_dir: state_dir.to_path_buf(),
+            restart: Arc::new(tokio::sync::Notify::new()),
         };
         daemon.apply((*config).clone())?;
         Ok(daemon)
@@ -665,6 +671,28 @@ impl Daemon {
         // expired entry meanwhile).
         self.nat.lock().expire(now.0, 65_536);
         self.sg_table.lock().expire(now.0, 65_536);
+    }
+
+    /// Asks the control loop for a graceful restart (`vswitchctl
+    /// restart`).
+    pub fn request_restart(&self) {
+        self.restart.notify_one();
+    }
+
+    /// Resolves when a graceful restart was asked for.
+    pub fn restart_requested(&self) -> Arc<tokio::sync::Notify> {
+        self.restart.clone()
+    }
+
+    /// Stops for a restart: workers and DHCP stop, connections are saved to
+    /// the state directory, taps stay (persistent) for the next run to
+    /// re-attach, so VMs keep their NICs and flows resume.
+    pub fn shutdown_for_restart(&self) -> std::io::Result<usize> {
+        if let Some(w) = self.workers.lock().take() {
+            w.stop();
+        }
+        self.dhcp.stop();
+        self.save_connections()
     }
 
     /// Stops the workers and removes every tap (a clean stop; a crash
