@@ -395,7 +395,15 @@ pub struct Nat {
     index: Index,
     ports: Ports,
     stats: NatStats,
+    /// The connection the current pass committed, if any (so a hairpin
+    /// whose second pass drops can take the first pass's back).
+    committed: Option<ConnId>,
 }
+
+/// Bytes of a frame a translation may rewrite: Ethernet with two VLAN tags,
+/// an IPv4 header, and an ICMP error quoting at most 576 bytes. A hairpin
+/// saves them before its first pass, to restore them if the second drops.
+const REWRITE_SPAN: usize = 14 + 8 + 60 + 8 + 576;
 
 /// The L4 header NAT rewrites for a flow key.
 fn l4_kind(key: &FlowKey) -> L4Kind {
@@ -487,6 +495,7 @@ impl Nat {
             index,
             ports,
             stats: NatStats::default(),
+            committed: None,
         })
     }
 
@@ -538,7 +547,15 @@ impl Nat {
         partial_csum: bool,
         now: u64,
     ) -> Outcome {
+        // From a tenant only the source is rewritten, so a packet that
+        // will hairpin is one to our own address already: only those pay
+        // for saving the bytes a dropped second pass must restore.
+        let saved: Option<Vec<u8>> = (from != EXTERNAL_ZONE
+            && v4_addrs(key, frame).is_some_and(|(_, d)| self.index.owns(d)))
+        .then(|| frame[..frame.len().min(REWRITE_SPAN)].to_vec());
+        self.committed = None;
         let first = self.pass(from, port, key, frame, partial_csum, now, false);
+        let first_commit = self.committed.take();
         let out = match first {
             Outcome::Forward {
                 zone: EXTERNAL_ZONE,
@@ -556,7 +573,18 @@ impl Nat {
                         }
                     }
                     Outcome::NoMatch => first,
-                    drop @ Outcome::Drop(_) => drop,
+                    drop @ Outcome::Drop(_) => {
+                        // Dropped as a whole: the frame as it came (captures
+                        // show what the VM sent) and no half connection
+                        // holding a port until it times out.
+                        if let Some(b) = &saved {
+                            frame[..b.len()].copy_from_slice(b);
+                        }
+                        if let Some(id) = first_commit {
+                            self.undo_commit(id, now);
+                        }
+                        drop
+                    }
                 },
                 Err(_) => first,
             },
@@ -650,6 +678,20 @@ impl Nat {
         } else {
             self.index.outbound(&self.rules, from, src)
         }
+    }
+
+    /// Removes a connection committed by this translation's first pass,
+    /// with its mapping.
+    fn undo_commit(&mut self, id: ConnId, now: u64) {
+        let keys = self.ct.get(id, now).map(|v| (v.orig, v.reply, v.ext.kind));
+        if self.ct.remove(id).is_some() {
+            if let Some((ek, p)) = keys.and_then(|(o, r, k)| eim_of(&o, &r, k)) {
+                if self.ports.release(&ek, p) {
+                    self.stats.mappings_released += 1;
+                }
+            }
+        }
+        self.release_removed();
     }
 
     /// Releases the mappings of entries conntrack removed without handing
@@ -802,6 +844,9 @@ impl Nat {
             return Outcome::Drop(NatDrop::PortsExhausted);
         }
         let committed = self.ct.commit_with_reply(nc, reply, now, Mapping { kind });
+        if let Ok(id) = committed {
+            self.committed = Some(id);
+        }
         if let Err(e) = committed {
             if let Some((ek, p)) = eim {
                 if self.ports.release(&ek, p) {

@@ -688,6 +688,32 @@ fn hairpin_to_own_floating_ip() {
         .all(|e| e.state == ConnState::Tcp(TcpState::Established)));
 }
 
+/// Found by the `nat_translate` fuzz target: a hairpin whose second pass
+/// is refused (here by the per-port cap) came back rewritten, and its first
+/// pass's connection stayed, holding a port.
+#[test]
+fn hairpin_dropped_in_its_second_pass_leaves_nothing_behind() {
+    let cfg = Config {
+        max_entries: 64,
+        max_per_port: 2,
+        ..Config::default()
+    };
+    let mut h = H::with(cfg, all_rules());
+    // One connection of the port already: the first pass takes the second
+    // slot, the hairpin pass finds none.
+    let mut f = pkt(VM2, SRV, 5000, 53, L::Udp(8));
+    h.fwd(Z7, &mut f, EXTERNAL_ZONE);
+    assert_eq!(h.nat.conntrack().len(), 1);
+    let orig = pkt(VM2, FIP, 6000, 80, L::Udp(8));
+    let mut f = orig.clone();
+    let o = h.go(Z7, &mut f);
+    assert!(matches!(o, Outcome::Drop(NatDrop::Limit(_))), "{o:?}");
+    assert_eq!(f, orig, "the frame as the VM sent it");
+    assert_eq!(h.nat.conntrack().len(), 1, "no half connection");
+    assert_eq!(h.used(E, 17), 1, "its port released");
+    h.check_pools();
+}
+
 #[test]
 fn hairpin_degenerate_port_is_skipped() {
     // Source port 80 to FIP:80 from the VM itself: keeping port 80 would

@@ -54,6 +54,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<String>,
     },
+    /// Every counter: ports, peers, security-group rules, NAT pools.
+    Stats {},
     /// Graceful restart: save connections, keep taps, exit (a supervisor
     /// or the operator starts vswitchd again, which restores them).
     Restart {},
@@ -107,6 +109,7 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
             daemon.conntrack(tenant.as_deref(), port.as_deref(), Timestamp::now())
         }
         Request::ConntrackFlush { port } => daemon.conntrack_flush(&port),
+        Request::Stats {} => Ok(daemon.stats()),
         Request::Restart {} => {
             daemon.request_restart();
             Ok(json!({"restarting": true}))

@@ -57,10 +57,50 @@ impl Out {
     }
 }
 
-/// Renders the metrics from the daemon's `show`, `fdb`, `leases` and
-/// `nat` data.
-pub fn render(show: &Value, fdb: &Value, leases: &Value, nat: &Value) -> String {
+/// Renders the metrics from the daemon's `show`, `fdb`, `leases`, `nat`
+/// and `sg` data.
+pub fn render(show: &Value, fdb: &Value, leases: &Value, nat: &Value, sg: &Value) -> String {
     let mut o = Out::default();
+    let mut hits = Vec::new();
+    for t in sg["tenants"].as_array().into_iter().flatten() {
+        for g in t["groups"].as_array().into_iter().flatten() {
+            for r in g["rules"].as_array().into_iter().flatten() {
+                hits.push((
+                    format!(
+                        "tenant=\"{}\",group=\"{}\",rule=\"{}\",direction=\"{}\"",
+                        s(&t["tenant"]),
+                        s(&g["name"]),
+                        num(&r["number"]),
+                        s(&r["direction"])
+                    ),
+                    num(&r["hits"]),
+                ));
+            }
+        }
+    }
+    o.family(
+        "vswitch_sg_rule_hits_total",
+        "counter",
+        "New connections each security-group rule allowed.",
+        &hits,
+    );
+    let conns: Vec<(String, u64)> = sg["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                format!("port=\"{}\",tenant=\"{}\"", s(&p["port"]), s(&p["tenant"])),
+                num(&p["connections"]),
+            )
+        })
+        .collect();
+    o.family(
+        "vswitch_sg_port_connections",
+        "gauge",
+        "Connections tracked for a filtered port (security groups).",
+        &conns,
+    );
     o.family(
         "vswitch_conntrack_entries",
         "gauge",
@@ -294,7 +334,8 @@ async fn answer(mut stream: TcpStream, daemon: &Arc<Daemon>) -> std::io::Result<
             let d = daemon.clone();
             let text = tokio::task::spawn_blocking(move || {
                 let fdb = d.fdb(None, Timestamp::now()).unwrap_or(Value::Null);
-                render(&d.show(), &fdb, &d.leases(None), &d.nat())
+                let sg = d.sg(None).unwrap_or(Value::Null);
+                render(&d.show(), &fdb, &d.leases(None), &d.nat(), &sg)
             })
             .await
             .unwrap_or_default();
@@ -336,7 +377,10 @@ mod tests {
         let leases = json!({"networks": [{"tenant": "acme", "network": "web",
                         "stats": {"ack": 2}, "leases": [{"state": "bound"}]}]});
         let nat = json!({"connections": 3, "stats": {"hairpin": 2}});
-        let t = render(&show, &fdb, &leases, &nat);
+        let sg = json!({"tenants": [{"tenant": "acme", "groups": [{"name": "web",
+                        "rules": [{"number": 1, "direction": "ingress", "hits": 9}]}]}],
+                        "ports": [{"port": "vm1", "tenant": "acme", "connections": 4}]});
+        let t = render(&show, &fdb, &leases, &nat, &sg);
         for want in [
             "# TYPE vswitch_port_rx_packets_total counter",
             "vswitch_port_rx_packets_total{port=\"vm1\",tenant=\"acme\",network=\"web\"} 3",
@@ -345,6 +389,8 @@ mod tests {
             "vswitch_dhcp_leases_bound{tenant=\"acme\",network=\"web\"} 1",
             "vswitch_underlay_rx_not_peer_total 4",
             "vswitch_conntrack_entries 3",
+            "vswitch_sg_rule_hits_total{tenant=\"acme\",group=\"web\",rule=\"1\",direction=\"ingress\"} 9",
+            "vswitch_sg_port_connections{port=\"vm1\",tenant=\"acme\"} 4",
             "vswitch_nat_events_total{event=\"hairpin\"} 2",
             "vswitch_peer_drops_total{peer=\"b\",vtep=\"198.19.0.2\",reason=\"underlay_unknown_vni\"} 2",
         ] {

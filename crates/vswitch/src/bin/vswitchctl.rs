@@ -34,6 +34,9 @@ enum Cmd {
     },
     /// Re-read the config file; a bad file keeps the running config.
     Reload,
+    /// Every counter in one place: per port (packets, bytes, drops by
+    /// reason), per VXLAN peer, per security-group rule, per NAT pool.
+    Stats,
     /// Graceful restart: the daemon saves its connections (NAT, security
     /// groups) to its state directory, keeps the VMs' taps and exits;
     /// start vswitchd again (a supervisor does) and it restores them.
@@ -163,6 +166,7 @@ fn main() -> ExitCode {
             network: network.clone(),
         },
         Cmd::Reload => Request::Reload {},
+        Cmd::Stats => Request::Stats {},
         Cmd::Restart => Request::Restart {},
         Cmd::Leases { network } => Request::Leases {
             network: network.clone(),
@@ -229,6 +233,7 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         ),
         Cmd::Conntrack { .. } => render_conntrack(d),
         Cmd::Sg { .. } => render_sg(d),
+        Cmd::Stats => render_stats(d),
         Cmd::Nat => render_nat(d),
         Cmd::Capture { .. } => String::new(),
         Cmd::Restart => {
@@ -621,5 +626,77 @@ fn render_nat(d: &Value) -> String {
         .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect())
         .unwrap_or_default();
     out.push_str(&format!("\ncounters: {}\n", stats.join(" ")));
+    out
+}
+
+fn render_stats(d: &Value) -> String {
+    let mut t = Table::new(&[
+        "PORT", "KIND", "TENANT", "NETWORK", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES", "DROPS",
+    ]);
+    for p in d["ports"].as_array().into_iter().flatten() {
+        t.row(vec![
+            s(&p["name"]),
+            s(&p["kind"]),
+            s(&p["tenant"]),
+            s(&p["network"]),
+            s(&p["rx_packets"]),
+            s(&p["rx_bytes"]),
+            s(&p["tx_packets"]),
+            s(&p["tx_bytes"]),
+            drops_text(&p["drops"]),
+        ]);
+    }
+    let mut out = t.render();
+    if let Some(peers) = d["peers"].as_array().filter(|a| !a.is_empty()) {
+        let mut t = Table::new(&[
+            "PEER", "VTEP", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES", "DROPS",
+        ]);
+        for p in peers {
+            t.row(vec![
+                s(&p["name"]),
+                s(&p["address"]),
+                s(&p["rx_packets"]),
+                s(&p["rx_bytes"]),
+                s(&p["tx_packets"]),
+                s(&p["tx_bytes"]),
+                drops_text(&p["drops"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    if let Some(rules) = d["sg_rules"].as_array().filter(|a| !a.is_empty()) {
+        let mut t = Table::new(&["TENANT", "GROUP", "RULE", "DIRECTION", "HITS"]);
+        for r in rules {
+            t.row(vec![
+                s(&r["tenant"]),
+                s(&r["group"]),
+                s(&r["rule"]),
+                s(&r["direction"]),
+                s(&r["hits"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    if let Some(pools) = d["nat_pools"].as_array().filter(|a| !a.is_empty()) {
+        let mut t = Table::new(&["NAT POOL", "PROTO", "RANGE", "USED", "FREE"]);
+        for p in pools {
+            t.row(vec![
+                s(&p["external"]),
+                s(&p["proto"]),
+                s(&p["range"]),
+                s(&p["used"]),
+                s(&p["free"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out.push_str(&format!(
+        "\nconnections: {} NAT, {} security groups\n",
+        s(&d["connections"]["nat"]),
+        s(&d["connections"]["sg"])
+    ));
     out
 }

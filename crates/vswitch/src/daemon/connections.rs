@@ -311,6 +311,85 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// `stats` data: every counter in one answer, per port (packets, bytes,
+    /// drops by reason), per VXLAN peer, per security-group rule, per NAT
+    /// pool, and the connection tables (see docs/cli.md).
+    pub fn stats(&self) -> Value {
+        let show = self.show();
+        let keep = |v: &Value, keys: &[&str]| -> Value {
+            let mut o = serde_json::Map::new();
+            for k in keys {
+                o.insert((*k).to_string(), v[*k].clone());
+            }
+            Value::Object(o)
+        };
+        let counters = [
+            "name",
+            "kind",
+            "tenant",
+            "network",
+            "rx_packets",
+            "rx_bytes",
+            "tx_packets",
+            "tx_bytes",
+            "drops_total",
+            "drops",
+        ];
+        let ports: Vec<Value> = show["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| keep(p, &counters))
+            .collect();
+        let peers: Vec<Value> = show["underlay"]["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                keep(
+                    p,
+                    &[
+                        "name",
+                        "address",
+                        "rx_packets",
+                        "rx_bytes",
+                        "tx_packets",
+                        "tx_bytes",
+                        "drops_total",
+                        "drops",
+                    ],
+                )
+            })
+            .collect();
+        let sg = self.sg(None).unwrap_or(Value::Null);
+        let rules: Vec<Value> = sg["tenants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|t| {
+                t["groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(move |g| {
+                        g["rules"].as_array().into_iter().flatten().map(move |r| {
+                            json!({"tenant": t["tenant"], "group": g["name"], "rule": r["number"],
+                            "direction": r["direction"], "hits": r["hits"]})
+                        })
+                    })
+            })
+            .collect();
+        let nat = self.nat();
+        json!({
+            "ports": ports, "peers": peers, "sg_rules": rules,
+            "nat_pools": nat["pools"], "nat": nat["stats"],
+            "connections": {"nat": nat["connections"], "sg": sg["connections"]},
+            "underlay": keep(&show["underlay"], &["rx_not_peer", "rx_errors"]),
+        })
+    }
+}
+
 /// File under the state directory holding connections across a graceful
 /// restart (`vswitchctl restart`).
 pub const SAVED_CONNECTIONS: &str = "connections.json";
