@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vswitch's demo, tests and benchmarks run on a fresh Debian
 # machine: iproute2, ping, iperf3, tcpdump, python3, the DHCP clients
-# dhclient/udhcpc/dhcpcd, dig and tshark (the lab's real peers).
+# dhclient/udhcpc/dhcpcd, dig, tshark and curl (the lab's real peers).
 # Idempotent; needs root for apt-get.
 set -euo pipefail
 
@@ -19,6 +19,8 @@ have udhcpc   || need+=(udhcpc)
 have dhcpcd   || need+=(dhcpcd-base)
 have dig      || need+=(dnsutils)
 have tshark   || need+=(tshark)
+have curl     || need+=(curl ca-certificates)
+have ss       || need+=(iproute2)
 
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}"
