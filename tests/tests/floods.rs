@@ -8,6 +8,7 @@
 //! | ARP requests for random addresses | 20,000 | a VM | flooded in its network only (another tenant captures none); the ARP responder answers during the storm; `rx_packets` >= sent |
 //! | broadcast, ethertype 0x88b5 | 20,000 | a VM | reaches its own network only |
 //! | VXLAN, random VNIs | 5,000 | a non-peer on the underlay | `rx_not_peer` rises by exactly what each host got; no VM sees it; cross-host ping works |
+//! | TCP SYN to many ports, from a VM with security groups | 20,000 | a VM | its own connection limit (100) holds: 100 tracked, the rest `conn_limit`; the target's ingress rule admits none (`sg_ingress_denied`); the table never grows past the limit |
 //! | UDP, one new flow per frame, through SNAT | 50,000 | a VM | SNAT's 10,000-port range fills exactly; the other 40,000 are `nat_ports_exhausted`; the NAT table holds 10,000 connections; existing flows keep working |
 //!
 //! The senders are python3 raw sockets in the attacker's namespace, paced
@@ -56,7 +57,10 @@ fn one_flood_at_a_time() -> MutexGuard<'static, ()> {
 ///   BCASTSTORM, 60 bytes;
 /// - `udp OUR_MAC GW_MAC OUR_IP DST_IP DST_PORT FIRST_SPORT`: UDP from
 ///   OUR_IP:(FIRST_SPORT + i) to DST_IP:DST_PORT through the gateway, one
-///   new flow per frame (no UDP checksum), marker UDPFLOOD.
+///   new flow per frame (no UDP checksum), marker UDPFLOOD;
+/// - `syn OUR_MAC DST_MAC OUR_IP DST_IP`: TCP SYNs from OUR_IP, random
+///   source port, to DST_IP on port 1 + i % 65535 (many ports), valid
+///   checksums.
 const FLOOD_PY: &str = r#"
 import random, socket, struct, sys, time
 kind, ifname, count, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -112,6 +116,16 @@ elif kind == "udp":
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xffff, 0, 64, 17, 0, src, dst)
         ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
         frames.append(gw + ours + b"\x08\x00" + ip + udp)
+elif kind == "syn":
+    ours, dmac, src, dst = mac(args[0]), mac(args[1]), socket.inet_aton(args[2]), socket.inet_aton(args[3])
+    for i in range(count):
+        sport, dport = rng.randrange(1024, 65536), 1 + i % 65535
+        tcp = struct.pack("!HHIIBBHHH", sport, dport, rng.getrandbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+        pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+        tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i & 0xffff, 0, 64, 6, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+        frames.append(dmac + ours + b"\x08\x00" + ip + tcp)
 else:
     sys.exit("unknown kind " + kind)
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -1130,5 +1144,125 @@ name = "vic"
     // The attacker's earlier connection (its ping) kept its mapping; ICMP
     // has its own identifier pool, so ping still goes out.
     lab.assert_ping(&atk, "203.0.113.1", 2);
+    assert_no_panic(&sw.log());
+}
+
+#[test]
+fn syn_flood_to_many_ports_hits_the_senders_own_limit() {
+    if !netns_or_skip() || !tools_or_skip(&["python3", "ping", "iperf3"]) {
+        return;
+    }
+    let _turn = one_flood_at_a_time();
+    let n = Names::new("fsy");
+    let dir = TestDir::new();
+    let (atk, tgt, b1, b2) = (n.port("atk"), n.port("tgt"), n.port("b1"), n.port("b2"));
+    let (atk_mac, tgt_mac) = ("02:00:00:66:00:0a", "02:00:00:66:00:0b");
+    let mut text = bystander_toml(
+        &n,
+        6600,
+        "10.66.0",
+        ("02:00:00:66:00:21", "02:00:00:66:00:22"),
+    );
+    text.push_str(&format!(
+        r#"
+[[tenant]]
+name = "vic"
+  [[tenant.network]]
+  name = "lan"
+  vni = 6700
+  cidr = "10.66.0.0/24"
+
+  [[tenant.security_group]]
+  name = "web"
+    [[tenant.security_group.rule]]
+    direction = "ingress"
+    proto = "tcp"
+    ports = "80"
+  [[tenant.security_group]]
+  name = "out"
+    [[tenant.security_group.rule]]
+    direction = "egress"
+
+  [[tenant.port]]
+  name = "{atk}"
+  network = "lan"
+  tap = "{atk_tap}"
+  mac = "{atk_mac}"
+  ip = "10.66.0.10"
+  security_groups = ["out"]
+  max_connections = 100
+
+  [[tenant.port]]
+  name = "{tgt}"
+  network = "lan"
+  tap = "{tgt_tap}"
+  mac = "{tgt_mac}"
+  ip = "10.66.0.11"
+  security_groups = ["web"]
+"#,
+        atk_tap = n.tap("atk"),
+        tgt_tap = n.tap("tgt"),
+    ));
+    let path = dir.write("vswitch.toml", &text);
+    let flood_py = script(&dir, "flood.py", FLOOD_PY);
+    let sw = Switch::start(&dir, &path);
+    let lab = Lab::up(&path, &[atk.clone(), tgt.clone(), b1.clone(), b2.clone()]);
+    lab.assert_ping(&b1, "10.66.0.22", 2);
+    let (a0, t0) = (port_of(&sw, &atk), port_of(&sw, &tgt));
+
+    const COUNT: u64 = 20_000;
+    let mut work = Workload::start(&dir, "bys", &b1, &b2, "10.66.0.22", 4);
+    let flood = lab.spawn(
+        &dir,
+        &atk,
+        "flood",
+        &[
+            "python3",
+            &flood_py,
+            "syn",
+            "eth0",
+            &COUNT.to_string(),
+            "1",
+            "100",
+            "0.005",
+            atk_mac,
+            tgt_mac,
+            "10.66.0.10",
+            "10.66.0.11",
+        ],
+    );
+    let sent = finish_flood(flood, COUNT);
+    assert!(
+        work.running(),
+        "the flood outlasted the bystanders' traffic"
+    );
+    let report = work.finish();
+
+    let mut a1 = Value::Null;
+    let counted = wait_until(Duration::from_secs(10), || {
+        a1 = port_of(&sw, &atk);
+        num(&a1, "rx_packets") - num(&a0, "rx_packets") >= COUNT
+    });
+    let t1 = port_of(&sw, &tgt);
+    let limited = drop_count(&a1, "conn_limit") - drop_count(&a0, "conn_limit");
+    let denied = drop_count(&t1, "sg_ingress_denied") - drop_count(&t0, "sg_ingress_denied");
+    let sg = sw.ctl(&["sg", "--port", &atk]);
+    let tracked = sg["ports"][0]["connections"].as_u64().unwrap_or(0);
+    eprintln!(
+        "SYN flood: sent {} in {:.2} s, conn_limit {limited}, target sg_ingress_denied {denied}, \
+         attacker tracked {tracked}",
+        sent.sent, sent.secs
+    );
+    assert!(counted, "{a1}");
+    assert_eq!(tracked, 100, "{sg:#}");
+    assert_eq!(limited, COUNT - 100, "{a1}");
+    // The 100 that left the attacker met the target's ingress rule: only
+    // port 80 may come in (port 80 is one of the 20,000).
+    assert!((99..=100).contains(&denied), "{t1}");
+    assert_eq!(
+        sw.ctl(&["sg"])["connections"].as_u64().unwrap_or(0),
+        100 + u64::from(denied < 100)
+    );
+    assert_bystanders("SYN flood", &report);
     assert_no_panic(&sw.log());
 }
