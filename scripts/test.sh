@@ -15,7 +15,7 @@ export VSWITCH_BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/release"
 echo "==> cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace -- --test-threads="${VSWITCH_TEST_THREADS:-2}" 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast -- --test-threads="${VSWITCH_TEST_THREADS:-2}" 2>&1 | tee "$log"
 # One closing line over all test binaries (cargo's last lines are doc-test
 # runs of crates that have none).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

@@ -110,10 +110,9 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
         }
         Request::ConntrackFlush { port } => daemon.conntrack_flush(&port),
         Request::Stats {} => Ok(daemon.stats()),
-        Request::Restart {} => {
-            daemon.request_restart();
-            Ok(json!({"restarting": true}))
-        }
+        // The connection handler asks for the restart once this answer is
+        // written: asking here would race the daemon's exit with the reply.
+        Request::Restart {} => Ok(json!({"restarting": true})),
         Request::Sg { port } => daemon.sg(port.as_deref()),
         Request::Nat {} => Ok(daemon.nat()),
         Request::Reload {} => daemon
@@ -220,6 +219,10 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<
             };
             return stream_capture(&daemon, spec, r, w).await;
         }
+        let restart = matches!(
+            serde_json::from_slice::<Request>(&line),
+            Ok(Request::Restart {})
+        );
         let d = daemon.clone();
         let req = std::mem::take(&mut line);
         // Reload creates taps and reads files: keep it off the async threads.
@@ -227,6 +230,11 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<
             .await
             .unwrap_or_else(|e| json!({"ok": false, "error": format!("internal error: {e}")}));
         w.write_all(format!("{answer}\n").as_bytes()).await?;
+        if restart {
+            w.flush().await?;
+            daemon.request_restart();
+            return Ok(());
+        }
     }
 }
 
