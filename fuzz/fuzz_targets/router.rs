@@ -188,15 +188,18 @@ fn model(from: usize, key: &FlowKey, frame: &[u8], addrs: &[Addresses; 2], neigh
     if !packet::checksum::verify(&frame[l3..l3 + 20]) {
         return Expect::Drop(DropReason::L3Malformed);
     }
+    if ip.ttl <= 1 {
+        return error(11);
+    }
+    // Outside both legs: the router hands it on (`Routed::Outside`), and
+    // with no NAT behind it the switch answers network unreachable, as
+    // `route` below does.
     let Some(leg) = leg_of_ip(dst) else {
         return error(3);
     };
     // A subnet's network and broadcast addresses (both legs are /24).
     if dst.octets()[3] == 0 || dst.octets()[3] == 255 {
         return Expect::Drop(DropReason::NoRoute);
-    }
-    if ip.ttl <= 1 {
-        return error(11);
     }
     let net = LEGS[leg].0;
     let owner = addrs[net].owner(&dst).filter(|o| !o.gateway).map(|o| o.mac);
@@ -206,8 +209,14 @@ fn model(from: usize, key: &FlowKey, frame: &[u8], addrs: &[Addresses; 2], neigh
     }
 }
 
+/// The router stage as the switch runs it for a tenant without NAT: a
+/// destination outside every network gets network unreachable.
 fn route(from: usize, key: &FlowKey, buf: &mut PacketBuf, addrs: &[Addresses; 2], neigh: &[Neighbours; 2]) -> Routed {
-    router::route(&router(), from, key, buf, NOW, |i| addrs.get(i), |i| neigh.get(i))
+    let r = router();
+    match router::route(&r, from, key, buf, NOW, |i| addrs.get(i), |i| neigh.get(i)) {
+        Routed::Outside => router::unreachable(&r, from, key, buf),
+        other => other,
+    }
 }
 
 fn new_buf(frame: &[u8], small: bool, offload: Offload) -> PacketBuf {

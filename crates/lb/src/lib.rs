@@ -109,6 +109,7 @@ pub mod health;
 pub mod maglev;
 pub mod pool;
 pub mod probe;
+pub mod service;
 
 pub use hash::{flow_hash, FlowTuple};
 pub use health::{
@@ -121,3 +122,4 @@ pub use pool::{
     PoolId, PoolStatus, ProbeTask,
 };
 pub use probe::{Check, CheckError, ProbeId, Prober, ProberConfig, ProberError, StartError};
+pub use service::{Forward, LbConn, LbDrop, Reply, ServiceStats, Services, VipKey, VipRule};

@@ -405,6 +405,40 @@ pub struct Nat {
 /// saves them before its first pass, to restore them if the second drops.
 const REWRITE_SPAN: usize = 14 + 8 + 60 + 8 + 576;
 
+/// Rewrites an IPv4 TCP/UDP frame (or ICMP query: `src`'s port is the
+/// identifier) to `src` -> `dst` with incremental checksum updates, for
+/// other translators on the same header code (the load balancer's DNAT).
+/// `partial`: the L4 checksum holds a pseudo-header sum for offload.
+/// `false` when the frame cannot be rewritten (not a clean IPv4 header
+/// without options, a later fragment, truncated): nothing written then.
+pub fn rewrite_tuple(
+    key: &FlowKey,
+    frame: &mut [u8],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    partial: bool,
+) -> bool {
+    if !rewritable(key, frame) {
+        return false;
+    }
+    let kind = l4_kind(key);
+    let to = Tuple {
+        src: *src.ip(),
+        dst: *dst.ip(),
+        sport: src.port(),
+        dport: dst.port(),
+    };
+    rewrite::rewrite(
+        frame,
+        usize::from(key.l3_offset),
+        usize::from(key.l4_offset),
+        kind,
+        &to,
+        partial,
+    )
+    .is_some()
+}
+
 /// The L4 header NAT rewrites for a flow key.
 fn l4_kind(key: &FlowKey) -> L4Kind {
     match key.l4 {

@@ -59,6 +59,8 @@ pub enum Request {
     /// Graceful restart: save connections, keep taps, exit (a supervisor
     /// or the operator starts vswitchd again, which restores them).
     Restart {},
+    /// Load balancers: VIPs, backends' health, weights, connections.
+    Lb {},
     /// Forget a port's tracked connections.
     ConntrackFlush {
         /// The port.
@@ -115,6 +117,7 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
         Request::Restart {} => Ok(json!({"restarting": true})),
         Request::Sg { port } => daemon.sg(port.as_deref()),
         Request::Nat {} => Ok(daemon.nat()),
+        Request::Lb {} => Ok(daemon.lb()),
         Request::Reload {} => daemon
             .reload()
             .map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),

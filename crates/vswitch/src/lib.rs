@@ -12,6 +12,7 @@
 //! sans-IO crates of their own that take `now` and a packet and return a
 //! verdict. See docs/architecture.md for the picture.
 
+pub mod balancer;
 pub mod capture;
 pub mod clock;
 pub mod config;

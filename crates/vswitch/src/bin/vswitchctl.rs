@@ -70,6 +70,9 @@ enum Cmd {
     /// The uplink, NAT rules (SNAT, floating IPs, port forwards), port
     /// pools, mappings and counters.
     Nat,
+    /// Load balancers: each VIP's backends with health, weight, Maglev
+    /// slots and live connections (set a weight to 0 and reload to drain).
+    Lb,
     /// Capture a port's frames as pcapng (tcpdump, tshark, Wireshark read it).
     Capture {
         /// Port name.
@@ -188,6 +191,7 @@ fn main() -> ExitCode {
         },
         Cmd::Sg { port } => Request::Sg { port: port.clone() },
         Cmd::Nat => Request::Nat {},
+        Cmd::Lb => Request::Lb {},
         Cmd::Capture { .. } => return ExitCode::from(2),
     };
     match control::request(&args.socket, &req) {
@@ -235,6 +239,7 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         Cmd::Sg { .. } => render_sg(d),
         Cmd::Stats => render_stats(d),
         Cmd::Nat => render_nat(d),
+        Cmd::Lb => render_lb(d),
         Cmd::Capture { .. } => String::new(),
         Cmd::Restart => {
             "vswitchd is stopping for a restart: connections saved, taps kept; start it again\n"
@@ -545,6 +550,73 @@ fn render_sg(d: &Value) -> String {
     } else {
         out.push_str(&tb.render());
     }
+    out
+}
+
+fn render_lb(d: &Value) -> String {
+    let mut out = String::new();
+    let lbs = d["load_balancers"].as_array().cloned().unwrap_or_default();
+    if lbs.is_empty() {
+        return "no load balancers on this host\n".into();
+    }
+    for l in lbs {
+        out.push_str(&format!(
+            "{}/{}: {} {}{} -> network {}, check {}\n",
+            s(&l["tenant"]),
+            s(&l["name"]),
+            s(&l["proto"]),
+            s(&l["vip"]),
+            if l["external"].as_bool() == Some(true) {
+                " (external)"
+            } else {
+                ""
+            },
+            s(&l["network"]),
+            s(&l["check"]),
+        ));
+        let mut t = Table::new(&[
+            "BACKEND",
+            "ENDPOINT",
+            "WEIGHT",
+            "HEALTH",
+            "NEW CONNS",
+            "SLOTS",
+            "CONNECTIONS",
+            "PROBES",
+            "FAILED",
+            "LAST ERROR",
+        ]);
+        for b in l["backends"].as_array().into_iter().flatten() {
+            t.row(vec![
+                s(&b["name"]),
+                s(&b["endpoint"]),
+                s(&b["weight"]),
+                s(&b["health"]),
+                if b["eligible"].as_bool() == Some(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                s(&b["slots"]),
+                s(&b["connections"]),
+                s(&b["probes"]),
+                s(&b["probe_failures"]),
+                s(&b["last_error"]),
+            ]);
+        }
+        out.push_str(&t.render());
+        out.push('\n');
+    }
+    let st = &d["stats"];
+    out.push_str(&format!(
+        "new {} forwarded {} replied {} rejected {} hairpin {} dropped {}\n",
+        s(&st["new"]),
+        s(&st["forwarded"]),
+        s(&st["replied"]),
+        s(&st["rejected"]),
+        s(&st["hairpin"]),
+        s(&st["dropped"])
+    ));
     out
 }
 

@@ -16,8 +16,11 @@ use ipnet::IpNet;
 use packet::MacAddr;
 use serde::Deserialize;
 
+mod balancer;
 mod external;
 mod security;
+pub use balancer::{BackendCfg, LoadBalancerCfg, MAX_WEIGHT};
+use balancer::{RawLoadBalancer, RawServiceAddress};
 pub use external::{FloatingIpCfg, PortForwardCfg, Uplink};
 use external::{RawFloatingIp, RawPortForward, RawUplink};
 use security::RawGroup;
@@ -87,6 +90,8 @@ struct RawTenant {
     floating_ip: Vec<RawFloatingIp>,
     #[serde(default)]
     port_forward: Vec<RawPortForward>,
+    #[serde(default)]
+    load_balancer: Vec<RawLoadBalancer>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +103,7 @@ struct RawNetwork {
     gateway: Option<String>,
     mac_table_size: Option<usize>,
     snat: Option<bool>,
+    service_address: Option<RawServiceAddress>,
     dhcp: Option<RawDhcp>,
 }
 
@@ -217,6 +223,9 @@ pub struct Network {
     /// Its VMs reach the external network through their host's SNAT
     /// address.
     pub snat: bool,
+    /// Where this network's load-balancer health checks and hairpinned
+    /// connections come from, per host (`None`: single-host config).
+    pub service_addresses: Vec<(Option<String>, std::net::Ipv4Addr)>,
 }
 
 /// `[tenant.network.dhcp]`: the switch's DHCP server for a network.
@@ -249,6 +258,15 @@ impl Network {
     /// contain '/', so it never equals a port's derived MAC).
     pub fn gateway_mac(&self) -> MacAddr {
         derived_mac(&self.tenant, &format!("gateway/{}", self.name))
+    }
+
+    /// The MAC of the load balancer's prober of `host` in this network
+    /// (the owner of that host's service address).
+    pub fn service_mac(&self, host: Option<&str>) -> MacAddr {
+        derived_mac(
+            &self.tenant,
+            &format!("service/{}/{}", self.name, host.unwrap_or("")),
+        )
     }
 }
 
@@ -332,6 +350,8 @@ pub struct Config {
     pub port_forwards: Vec<PortForwardCfg>,
     /// Security groups of all tenants.
     pub security_groups: Vec<SecurityGroupCfg>,
+    /// Load balancers of all tenants.
+    pub load_balancers: Vec<LoadBalancerCfg>,
 }
 
 /// One problem found in a config file.
@@ -609,6 +629,8 @@ impl Validator {
         let mut port_names = HashSet::new();
         let mut tap_names: HashMap<String, String> = HashMap::new();
         let mut nat_raw = Vec::new();
+        let mut lb_raw = Vec::new();
+        let host_names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
         let mut security_groups: Vec<SecurityGroupCfg> = Vec::new();
 
         for t in raw.tenant {
@@ -624,7 +646,7 @@ impl Validator {
 
             let first_net = networks.len();
             for n in t.network {
-                if let Some(net) = self.network(&t.name, n, &switch, &mut vnis) {
+                if let Some(net) = self.network(&t.name, n, &switch, &mut vnis, &host_names) {
                     if networks[first_net..].iter().any(|o| o.name == net.name) {
                         self.problem(
                             format!("tenant {:?}, network {:?}", t.name, net.name),
@@ -661,6 +683,7 @@ impl Validator {
             }
 
             nat_raw.push((t.name.clone(), t.floating_ip, t.port_forward));
+            lb_raw.push((t.name.clone(), t.load_balancer));
             let groups = self.security_groups(&t.name, t.security_group);
             let mut macs: HashSet<(String, MacAddr)> = HashSet::new();
             let mut ips: HashSet<(String, IpAddr)> = HashSet::new();
@@ -832,6 +855,15 @@ impl Validator {
 
         let uplinks = self.uplinks(raw.uplink, &hosts, &ports, &mut tap_names);
         let (floating_ips, port_forwards) = self.nat(nat_raw, &networks, &ports, &hosts, &uplinks);
+        let load_balancers = self.load_balancers(
+            lb_raw,
+            &networks,
+            &ports,
+            &host_names,
+            &uplinks,
+            &floating_ips,
+        );
+        self.service_address_owners(&networks, &ports);
         self.zones(&tenants);
         Config {
             path: path.to_path_buf(),
@@ -846,6 +878,7 @@ impl Validator {
             floating_ips,
             port_forwards,
             security_groups,
+            load_balancers,
         }
     }
 
@@ -1095,6 +1128,7 @@ impl Validator {
         n: RawNetwork,
         switch: &SwitchSettings,
         vnis: &mut HashMap<u32, String>,
+        host_names: &[String],
     ) -> Option<Network> {
         let item = format!("tenant {tenant:?}, network {:?}", n.name);
         check_name(self, &item, "network name", &n.name, 32);
@@ -1146,6 +1180,7 @@ impl Validator {
             mac_table_size,
             dhcp: None,
             snat: n.snat.unwrap_or(false),
+            service_addresses: Vec::new(),
         };
         if let Some(g) = n.gateway {
             match g.parse::<IpAddr>() {
@@ -1161,6 +1196,15 @@ impl Validator {
         }
         if let Some(d) = n.dhcp {
             net.dhcp = self.dhcp(&item, &net, d);
+        }
+        net.service_addresses =
+            self.service_addresses(&item, n.service_address, &net.cidr, net.gateway, host_names);
+        if let Some(d) = &net.dhcp {
+            for (_, a) in &net.service_addresses {
+                if d.pools.iter().any(|(lo, hi)| (*lo..=*hi).contains(a)) {
+                    self.problem(&item, format!("service_address {a} is inside a DHCP pool, which could lease it to a VM; pick an address outside the pools"));
+                }
+            }
         }
         Some(net)
     }

@@ -243,6 +243,64 @@ impl Daemon {
 
     /// `nat` data: this host's external addresses, rules, port pools,
     /// mappings and counters (see docs/cli.md).
+    /// `vswitchctl lb`: every load balancer this host runs, its backends'
+    /// health, weight, Maglev slots and live connections.
+    pub fn lb(&self) -> Value {
+        let cfg = self.config();
+        let now = Timestamp::now().0;
+        let conns = self.lasting.lb.lock().connections(now);
+        let stats = self.lasting.lb.lock().stats().clone();
+        let status = self.lasting.balancers.status();
+        let mut lbs = Vec::new();
+        for l in cfg.load_balancers.iter().filter(|l| cfg.runs_lb(l)) {
+            let views = status
+                .iter()
+                .find(|(id, ..)| *id == l.id)
+                .map(|(_, _, _, v)| v.clone())
+                .unwrap_or_default();
+            let backends: Vec<Value> = l
+                .backends
+                .iter()
+                .map(|b| {
+                    let ep = format!("{}:{}", b.ip, b.port);
+                    let v = views.iter().find(|v| v.endpoint == ep);
+                    let id = lb::BackendId::from_name(&ep);
+                    json!({
+                        "name": b.name,
+                        "endpoint": ep,
+                        "host": b.host,
+                        "weight": b.weight,
+                        "health": v.map(|v| v.health).unwrap_or("unknown"),
+                        "eligible": v.is_some_and(|v| v.eligible),
+                        "slots": v.map(|v| v.slots).unwrap_or(0),
+                        "probes": v.map(|v| v.probes).unwrap_or(0),
+                        "probe_failures": v.map(|v| v.failures).unwrap_or(0),
+                        "last_error": v.and_then(|v| v.last_error.clone()),
+                        "connections": conns.get(&(l.id, id)).copied().unwrap_or(0),
+                    })
+                })
+                .collect();
+            lbs.push(json!({
+                "tenant": l.tenant,
+                "name": l.name,
+                "vip": format!("{}:{}", l.vip, l.port),
+                "proto": l.proto_name(),
+                "external": l.external,
+                "network": l.network,
+                "check": match &l.pool.check {
+                    lb::Check::Tcp => "tcp".to_string(),
+                    lb::Check::Http { path, expected_status } => format!("http GET {path} -> {expected_status}"),
+                },
+                "backends": backends,
+            }));
+        }
+        json!({
+            "load_balancers": lbs,
+            "stats": stats,
+            "prober_inbox_dropped": self.lasting.balancers.inbox_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
     pub fn nat(&self) -> Value {
         let cfg = self.config();
         let here = |h: &Option<String>| h.as_deref() == cfg.local_host.as_deref();

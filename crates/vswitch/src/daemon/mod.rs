@@ -140,6 +140,10 @@ pub struct Daemon {
     started: Instant,
     underlay: Option<Arc<Underlay>>,
     nat: Arc<Mutex<nat::Nat>>,
+    /// NAT, the balancer's table and pools, for new snapshots.
+    lasting: Lasting,
+    /// The load balancers' health-check thread.
+    health: Mutex<Option<std::thread::JoinHandle<()>>>,
     sg_table: SgTable,
     state_dir: std::path::PathBuf,
     /// Set by `vswitchctl restart`; the control loop stops the switch
@@ -147,8 +151,21 @@ pub struct Daemon {
     restart: Arc<tokio::sync::Notify>,
 }
 
-fn empty_snapshot(config: Arc<Config>, nat: Arc<Mutex<nat::Nat>>) -> Snapshot {
+/// The tables that outlive snapshots (reloads) and go into each one.
+#[derive(Debug, Clone)]
+struct Lasting {
+    nat: Arc<Mutex<nat::Nat>>,
+    lb: Arc<Mutex<lb::Services>>,
+    balancers: Arc<crate::balancer::Balancers>,
+}
+
+fn empty_snapshot(config: Arc<Config>, l: &Lasting) -> Snapshot {
+    let nat = l.nat.clone();
     Snapshot {
+        lb: l.lb.clone(),
+        balancers: l.balancers.clone(),
+        lb_gate: crate::dataplane::LbGate::default(),
+        lb_external: HashSet::new(),
         ports: Vec::new(),
         networks: Vec::new(),
         config,
@@ -236,10 +253,23 @@ impl Daemon {
         })
         .map_err(|e| ApplyError::Nat(e.to_string()))?;
         let sg_table: SgTable = Arc::new(Mutex::new(sg_table));
+        let lb = lb::Services::new(conntrack::Config::default())
+            .map_err(|e| ApplyError::Nat(e.to_string()))?;
+        let lasting = Lasting {
+            nat: nat.clone(),
+            lb: Arc::new(Mutex::new(lb)),
+            balancers: Arc::default(),
+        };
         let shared = Arc::new(ArcSwap::from_pointee(empty_snapshot(
             config.clone(),
-            nat.clone(),
+            &lasting,
         )));
+        let health = {
+            let (b, sh) = (lasting.balancers.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("vs-lb-health".into())
+                .spawn(move || b.run(sh))?
+        };
         let underlay = open_underlay(&config, n)?;
         let workers = Workers::start(n, shared.clone())?;
         if let Some(ul) = &underlay {
@@ -271,6 +301,8 @@ impl Daemon {
             started: Instant::now(),
             underlay,
             nat,
+            lasting,
+            health: Mutex::new(Some(health)),
             sg_table,
             state_dir: state_dir.to_path_buf(),
             restart: Arc::new(tokio::sync::Notify::new()),
@@ -528,7 +560,7 @@ impl Daemon {
             peers.push((id, h));
         }
         peer_ids.retain(|name, _| new.hosts.iter().any(|h| &h.name == name));
-        let remote_statics: HashSet<(NetKey, MacAddr, PortId)> = new
+        let mut remote_statics: HashSet<(NetKey, MacAddr, PortId)> = new
             .ports
             .iter()
             .filter(|p| !new.is_local(p))
@@ -537,6 +569,18 @@ impl Daemon {
                 Some((p.net_key(), p.mac, *id))
             })
             .collect();
+        // Other hosts' load-balancer probers live behind their VTEPs.
+        for n in &new.networks {
+            for (h, _) in &n.service_addresses {
+                if let Some(id) = h
+                    .as_deref()
+                    .filter(|h| Some(*h) != new.local_host.as_deref())
+                    .and_then(|h| peer_ids.get(h))
+                {
+                    remote_statics.insert((n.key(), n.service_mac(h.as_deref()), *id));
+                }
+            }
+        }
         for (key, mac, id) in st.remote_statics.difference(&remote_statics) {
             if let Some(b) = bridges.get(key) {
                 b.fdb().write().remove_static(mac, *id);
@@ -612,6 +656,7 @@ impl Daemon {
                 (k, v)
             })
             .collect();
+        self.lasting.balancers.apply(&new, Timestamp::now());
         let mut snap = build_snapshot(
             &new,
             &directory,
@@ -622,7 +667,7 @@ impl Daemon {
                 zones: &zones,
                 neighbours: &neighbours,
                 uplink_neighbours: &st.uplink_neighbours,
-                nat: &self.nat,
+                lasting: &self.lasting,
                 firewalls: &firewalls,
                 sg_table: &self.sg_table,
             },
@@ -671,6 +716,7 @@ impl Daemon {
         // expired entry meanwhile).
         self.nat.lock().expire(now.0, 65_536);
         self.sg_table.lock().expire(now.0, 65_536);
+        self.lasting.lb.lock().expire(now.0, 65_536);
     }
 
     /// Asks the control loop for a graceful restart (`vswitchctl
@@ -692,7 +738,16 @@ impl Daemon {
             w.stop();
         }
         self.dhcp.stop();
+        self.stop_health();
         self.save_connections()
+    }
+
+    /// Stops the load balancers' health thread.
+    fn stop_health(&self) {
+        self.lasting.balancers.stop();
+        if let Some(h) = self.health.lock().take() {
+            let _ = h.join();
+        }
     }
 
     /// Stops the workers and removes every tap (a clean stop; a crash
@@ -703,10 +758,9 @@ impl Daemon {
         }
         self.dhcp.stop();
         let mut st = self.state.lock();
-        self.shared.store(Arc::new(empty_snapshot(
-            st.config.clone(),
-            self.nat.clone(),
-        )));
+        self.stop_health();
+        self.shared
+            .store(Arc::new(empty_snapshot(st.config.clone(), &self.lasting)));
         for ps in st.ports.values() {
             release_tap(&ps.tap);
         }
@@ -1011,13 +1065,66 @@ fn compile_firewalls(
     Ok(out)
 }
 
+/// Hands this host's VIPs and backends to the balancer's table and returns
+/// the gate the data path checks without its lock (retired VIPs and
+/// backends included, so their connections keep flowing).
+fn lb_gate(cfg: &Config, services: &Mutex<lb::Services>) -> crate::dataplane::LbGate {
+    let mut vips = HashMap::new();
+    let mut backends = HashSet::new();
+    let mut gate = crate::dataplane::LbGate::default();
+    for l in cfg.load_balancers.iter().filter(|l| cfg.runs_lb(l)) {
+        let zone = cfg.zone_of(&l.tenant);
+        let svc = cfg
+            .networks
+            .iter()
+            .find(|n| n.tenant == l.tenant && n.name == l.network)
+            .and_then(|n| cfg.local_service_address(n));
+        vips.insert(
+            lb::VipKey {
+                zone,
+                addr: std::net::SocketAddrV4::new(l.vip, l.port),
+                proto: l.proto,
+            },
+            lb::VipRule {
+                lb: l.id,
+                external: l.external,
+                hairpin_src: svc,
+            },
+        );
+        for b in &l.backends {
+            backends.insert((zone, std::net::SocketAddrV4::new(b.ip, b.port), l.proto));
+        }
+    }
+    // Backends of connections balanced on other hosts answer through this
+    // one too when they live here: the gate lets their replies be looked
+    // up (a miss costs one lookup and changes nothing).
+    for l in &cfg.load_balancers {
+        let zone = cfg.zone_of(&l.tenant);
+        for b in &l.backends {
+            backends.insert((zone, std::net::SocketAddrV4::new(b.ip, b.port), l.proto));
+        }
+    }
+    let mut s = services.lock();
+    s.set_rules(vips, backends);
+    for (k, r) in s.vips().chain(s.retired_vips()) {
+        gate.vips
+            .insert((k.zone, *k.addr.ip(), k.proto, k.addr.port()));
+        gate.vip_addrs.insert((k.zone, *k.addr.ip()));
+        if let Some(h) = r.hairpin_src {
+            gate.hairpin.insert((k.zone, h));
+        }
+    }
+    gate.backends = s.backend_endpoints().collect();
+    gate
+}
+
 /// State that outlives a snapshot, by network or tenant.
 struct Kept<'a> {
     leased: &'a HashMap<NetKey, Arc<ArcSwap<Leased>>>,
     zones: &'a HashMap<String, Arc<ArcSwap<dns::Zone>>>,
     neighbours: &'a HashMap<NetKey, Arc<Neighbours>>,
     uplink_neighbours: &'a Arc<Neighbours>,
-    nat: &'a Arc<Mutex<nat::Nat>>,
+    lasting: &'a Lasting,
     firewalls: &'a HashMap<String, Arc<firewall::Firewall>>,
     sg_table: &'a SgTable,
 }
@@ -1035,7 +1142,7 @@ fn build_snapshot(
         zones,
         neighbours,
         uplink_neighbours,
-        nat,
+        lasting,
         firewalls,
         sg_table,
     } = kept;
@@ -1104,6 +1211,39 @@ fn build_snapshot(
                 );
             }
         }
+        // Internal VIPs are the gateway's; every host's service address
+        // is its prober's.
+        for l in cfg.load_balancers.iter().filter(|l| !l.external) {
+            if l.tenant == n.tenant && n.cidr.contains(&IpAddr::V4(l.vip)) {
+                fixed.insert(
+                    l.vip,
+                    IpOwner {
+                        mac: n.gateway_mac(),
+                        gateway: true,
+                    },
+                );
+            }
+        }
+        for (h, a) in &n.service_addresses {
+            fixed.insert(
+                *a,
+                IpOwner {
+                    mac: n.service_mac(h.as_deref()),
+                    gateway: false,
+                },
+            );
+        }
+        let service = cfg
+            .local_service_address(n)
+            .filter(|_| {
+                cfg.load_balancers
+                    .iter()
+                    .any(|l| l.tenant == n.tenant && l.network == n.name && cfg.runs_lb(l))
+            })
+            .map(|ip| crate::dataplane::ServiceRt {
+                mac: n.service_mac(cfg.local_host.as_deref()),
+                ip,
+            });
         let addrs = Addresses {
             fixed,
             leased: leased.get(&key).cloned().unwrap_or_default(),
@@ -1125,6 +1265,7 @@ fn build_snapshot(
             router: None,
             neighbours: neighbours.get(&key).cloned().unwrap_or_default(),
             ct_zone: cfg.zone_of(&n.tenant),
+            service,
         });
     }
     // One router per tenant over its networks with an IPv4 gateway.
@@ -1180,6 +1321,13 @@ fn build_snapshot(
             .iter()
             .map(|(t, r)| (cfg.zone_of(t), r.clone()))
             .collect(),
-        ..empty_snapshot(cfg.clone(), (*nat).clone())
+        lb_gate: lb_gate(cfg, &lasting.lb),
+        lb_external: cfg
+            .load_balancers
+            .iter()
+            .filter(|l| l.external && cfg.runs_lb(l))
+            .map(|l| l.vip)
+            .collect(),
+        ..empty_snapshot(cfg.clone(), lasting)
     }
 }

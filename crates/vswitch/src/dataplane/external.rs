@@ -15,7 +15,9 @@ use crate::pipeline::{arp, DropReason, Verdict};
 impl Snapshot {
     /// Whether `ip` is one of this host's external addresses.
     pub fn owns_external(&self, ip: Ipv4Addr) -> bool {
-        self.uplink.as_ref().is_some_and(|u| u.addr.addr() == ip) || self.nat.lock().owns(ip)
+        self.uplink.as_ref().is_some_and(|u| u.addr.addr() == ip)
+            || self.owns_external_vip(ip)
+            || self.nat.lock().owns(ip)
     }
 
     /// A frame received on the uplink (see `pipeline::external`).
@@ -69,6 +71,11 @@ impl Snapshot {
         }
         if ip.ttl <= 1 {
             return Verdict::Drop(DropReason::TtlExceeded);
+        }
+        if !self.lb_external.is_empty() {
+            if let Some(v) = self.lb_from_uplink(ingress, &key, buf, now) {
+                return v;
+            }
         }
         let partial = buf.offload.csum.is_some();
         let out = self.nat.lock().translate(
@@ -127,7 +134,7 @@ impl Snapshot {
     }
 
     /// Routes a translated packet into tenant `zone` toward `dst`.
-    fn deliver_to_tenant(
+    pub(super) fn deliver_to_tenant(
         &self,
         ingress: &PortRt,
         zone: u32,
@@ -153,7 +160,7 @@ impl Snapshot {
 
     /// Sends a translated packet out of the uplink toward `dst`: next hop,
     /// its MAC (or an ARP request for it, the packet dropped), TTL - 1.
-    fn out_uplink(
+    pub(super) fn out_uplink(
         &self,
         ingress: &PortRt,
         dst: Ipv4Addr,

@@ -39,8 +39,11 @@ use crate::pipeline::{
 use crate::tap::Tap;
 use crate::underlay::{is_vtep, PeerRt, Underlay, VTEP_BASE};
 
+mod balance;
 mod external;
 mod overlay;
+
+pub use balance::{inject_service, lb_drop_reason, LbGate, ServiceRt, ServiceScratch};
 
 /// Most frames read from one port per wake-up.
 pub const RX_BATCH: usize = 64;
@@ -192,6 +195,8 @@ pub struct NetworkRt {
     pub neighbours: Arc<router::Neighbours>,
     /// The tenant's conntrack zone.
     pub ct_zone: u32,
+    /// This host's load-balancer prober in the network, if any.
+    pub service: Option<ServiceRt>,
 }
 
 /// Everything the data path reads, swapped whole on reload.
@@ -218,6 +223,14 @@ pub struct Snapshot {
     /// Tenant routers by conntrack zone (where NAT delivers inbound
     /// packets).
     pub routers: std::collections::HashMap<u32, Arc<router::Router>>,
+    /// VIPs and balanced connections; kept across reloads.
+    pub lb: Arc<Mutex<lb::Services>>,
+    /// Pools and probers; kept across reloads.
+    pub balancers: Arc<crate::balancer::Balancers>,
+    /// What may be the balancer's, checked without its lock.
+    pub lb_gate: LbGate,
+    /// External VIPs this host balances (ARP on the uplink).
+    pub lb_external: std::collections::HashSet<std::net::Ipv4Addr>,
 }
 
 impl Snapshot {
@@ -327,6 +340,16 @@ impl Snapshot {
                 now,
             ) {
                 return Verdict::Drop(r);
+            }
+        }
+        if !self.lb_gate.is_empty() {
+            if let Some(v) = self.lb_stage(ingress, net, &key, buf, now) {
+                return v;
+            }
+        }
+        if let Some(svc) = net.service {
+            if key.dst_mac == svc.mac {
+                return self.to_prober(net, buf.frame());
             }
         }
         if let Some((_, gw_mac)) = net.gateway {
@@ -495,7 +518,7 @@ impl Workers {
 }
 
 /// Per-worker buffers, allocated once.
-struct Scratch {
+pub(crate) struct Scratch {
     /// The frame being processed.
     buf: PacketBuf,
     /// The switch's own replies (ICMP errors).
@@ -504,14 +527,20 @@ struct Scratch {
     overlay: overlay::OverlayScratch,
 }
 
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch {
+            buf: PacketBuf::new(),
+            aux: PacketBuf::new(),
+            overlay: overlay::OverlayScratch::default(),
+        }
+    }
+}
+
 fn worker_loop(idx: usize, ep: &OwnedFd, shared: &ArcSwap<Snapshot>, stop: &AtomicBool) {
     tracing::debug!(worker = idx, "worker started");
     let mut events: Vec<epoll::Event> = Vec::with_capacity(MAX_EVENTS);
-    let mut sc = Scratch {
-        buf: PacketBuf::new(),
-        aux: PacketBuf::new(),
-        overlay: overlay::OverlayScratch::default(),
-    };
+    let mut sc = Scratch::new();
     while !stop.load(Ordering::Relaxed) {
         events.clear();
         match epoll::wait(ep, rustix::buffer::spare_capacity(&mut events), None) {

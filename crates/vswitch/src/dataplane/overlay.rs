@@ -73,6 +73,12 @@ impl Snapshot {
             mac: packet::MacAddr::ZERO,
             port_security: false,
         };
+        // This host's prober's answers from a backend on the peer.
+        if let Some(svc) = net.service {
+            if key.dst_mac == svc.mac {
+                return self.to_prober(net, buf.frame());
+            }
+        }
         if let Some((gw_ip, gw_mac)) = net.gateway {
             // From another host's router (it routed into this network, or
             // asks who has an address): every host's router uses the same
@@ -389,8 +395,7 @@ pub(super) fn poll_underlay(
                 };
                 let inner = dgram.get(VXLAN_HLEN..).unwrap_or_default();
                 o.gro.push(inner, &mut |b: &PacketBuf| {
-                    let v = snap.process_remote(peer, net_idx, net, b, now);
-                    deliver_remote(snap, net, peer, b, v);
+                    remote_frame(snap, peer, net_idx, net, b, now);
                 });
             }
         }
@@ -411,9 +416,32 @@ fn flush_gro(
         return;
     };
     gro.flush(&mut |b: &PacketBuf| {
-        let v = snap.process_remote(peer, net_idx, net, b, now);
-        deliver_remote(snap, net, peer, b, v);
+        remote_frame(snap, peer, net_idx, net, b, now);
     });
+}
+
+/// Runs a decapsulated frame through the remote pipeline. Where load
+/// balancers run, the reply of a connection balanced here (its backend on
+/// the peer) first gets the VIP back, on a copy.
+fn remote_frame(
+    snap: &Snapshot,
+    peer: &PeerRt,
+    net_idx: usize,
+    net: &NetworkRt,
+    b: &PacketBuf,
+    now: Timestamp,
+) {
+    // The checks see the frame as the peer sent it (the backend's
+    // address, which its MAC owns); the rewrite comes after.
+    let v = snap.process_remote(peer, net_idx, net, b, now);
+    if !snap.lb_gate.is_empty() && matches!(v, Verdict::Forward(_) | Verdict::Flood) {
+        let mut c = PacketBuf::from_frame(b.frame());
+        c.offload = b.offload;
+        snap.lb_remote_reply(net, &mut c, now);
+        deliver_remote(snap, net, peer, &c, v);
+        return;
+    }
+    deliver_remote(snap, net, peer, b, v);
 }
 
 /// The network a VXLAN datagram from `peer` belongs to, or why it is

@@ -161,11 +161,16 @@ pub enum DropReason {
     /// Security groups: no ingress rule of the destination port allows the
     /// new connection.
     SgIngressDenied,
+    /// Load balancer: a new connection to a VIP whose pool has no healthy
+    /// backend with weight > 0 (the client got ICMP port unreachable).
+    LbNoBackend,
+    /// Load balancer: a hairpin whose rewritten tuple is taken.
+    LbHairpin,
 }
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 35;
+    pub const COUNT: usize = 37;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -204,6 +209,8 @@ impl DropReason {
         DropReason::UplinkNotForUs,
         DropReason::SgEgressDenied,
         DropReason::SgIngressDenied,
+        DropReason::LbNoBackend,
+        DropReason::LbHairpin,
     ];
 
     /// Stable snake_case name (counters, JSON, logs).
@@ -244,6 +251,8 @@ impl DropReason {
             DropReason::UplinkNotForUs => "uplink_not_for_us",
             DropReason::SgEgressDenied => "sg_egress_denied",
             DropReason::SgIngressDenied => "sg_ingress_denied",
+            DropReason::LbNoBackend => "lb_no_backend",
+            DropReason::LbHairpin => "lb_hairpin",
         }
     }
 

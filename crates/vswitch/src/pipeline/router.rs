@@ -224,6 +224,26 @@ pub fn unreachable(router: &Router, from: usize, key: &FlowKey, buf: &mut Packet
     icmp_error(buf, key, leg, 3, 0, src)
 }
 
+/// Replaces `buf` with ICMP port unreachable to the sender, from the
+/// ingress network's gateway (a load balancer with no backend).
+pub fn port_unreachable(
+    router: &Router,
+    from: usize,
+    key: &FlowKey,
+    buf: &mut PacketBuf,
+) -> Routed {
+    let (Some(leg), Some(ip)) = (router.leg_of(from), key.ip()) else {
+        return Routed::Drop(DropReason::LbNoBackend);
+    };
+    let IpAddr::V4(src) = ip.src else {
+        return Routed::Drop(DropReason::LbNoBackend);
+    };
+    match icmp_error(buf, key, leg, 3, 3, src) {
+        Routed::Drop(_) => Routed::Drop(DropReason::LbNoBackend),
+        r => r,
+    }
+}
+
 /// Routes the IPv4 packet in `buf` (IP header at `l3`, TTL already checked
 /// to be above 1) into `leg`'s network toward `dst`: owner lookup (or an
 /// ARP request when unknown), MACs, TTL - 1.
@@ -346,8 +366,11 @@ fn icmp_error(
         etherparse::Icmpv4Type::TimeExceeded(
             etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit,
         )
+    } else if code == 3 {
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        )
     } else {
-        let _ = code;
         etherparse::Icmpv4Type::DestinationUnreachable(
             etherparse::icmpv4::DestUnreachableHeader::Network,
         )
