@@ -466,6 +466,10 @@ struct Saved {
     ports: std::collections::BTreeMap<String, u32>,
     nat: nat::NatSnapshot,
     sg: conntrack::Snapshot<security::SgConn>,
+    /// The load balancer's connections (absent in files of older
+    /// versions).
+    #[serde(default)]
+    lb: Option<conntrack::Snapshot<lb::LbConn>>,
 }
 
 fn unix_secs() -> u64 {
@@ -493,8 +497,11 @@ impl Daemon {
             ports: self.port_ids(),
             nat: self.nat.lock().export(now),
             sg: self.sg_table.lock().export(now),
+            lb: Some(self.lasting.lb.lock().conntrack().export(now)),
         };
-        let n = saved.nat.conntrack.entries.len() + saved.sg.entries.len();
+        let n = saved.nat.conntrack.entries.len()
+            + saved.sg.entries.len()
+            + saved.lb.as_ref().map_or(0, |l| l.entries.len());
         let text = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
         std::fs::create_dir_all(&self.state_dir)?;
         let path = self.state_dir.join(SAVED_CONNECTIONS);
@@ -530,6 +537,13 @@ impl Daemon {
         match self.nat.lock().import(saved.nat, now) {
             Ok(r) => tracing::info!(report = ?r, "NAT connections restored"),
             Err(e) => tracing::warn!(error = %e, "NAT connections not restored"),
+        }
+        // Zones are tenants' (stable); a backend is pinned by its entry.
+        if let Some(l) = saved.lb {
+            match self.lasting.lb.lock().conntrack_mut().import(l, now) {
+                Ok(r) => tracing::info!(report = ?r, "load-balancer connections restored"),
+                Err(e) => tracing::warn!(error = %e, "load-balancer connections not restored"),
+            }
         }
         let ids = self.port_ids();
         let same = saved
