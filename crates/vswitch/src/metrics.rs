@@ -57,10 +57,71 @@ impl Out {
     }
 }
 
-/// Renders the metrics from the daemon's `show`, `fdb`, `leases`, `nat`
-/// and `sg` data.
-pub fn render(show: &Value, fdb: &Value, leases: &Value, nat: &Value, sg: &Value) -> String {
+/// The load balancers' families, from `vswitchctl lb`'s data.
+fn render_lb(o: &mut Out, lb: &Value) {
+    let mut up = Vec::new();
+    let mut conns = Vec::new();
+    let mut weight = Vec::new();
+    for l in lb["load_balancers"].as_array().into_iter().flatten() {
+        for b in l["backends"].as_array().into_iter().flatten() {
+            let label = format!(
+                "tenant=\"{}\",lb=\"{}\",backend=\"{}\",endpoint=\"{}\"",
+                s(&l["tenant"]),
+                s(&l["name"]),
+                s(&b["name"]),
+                s(&b["endpoint"])
+            );
+            up.push((label.clone(), u64::from(b["health"] == "up")));
+            conns.push((label.clone(), num(&b["connections"])));
+            weight.push((label, num(&b["weight"])));
+        }
+    }
+    o.family(
+        "vswitch_lb_backend_up",
+        "gauge",
+        "1 when the backend passes its health check.",
+        &up,
+    );
+    o.family(
+        "vswitch_lb_backend_connections",
+        "gauge",
+        "Open connections balanced to the backend on this host.",
+        &conns,
+    );
+    o.family(
+        "vswitch_lb_backend_weight",
+        "gauge",
+        "The backend's configured weight (0: drained).",
+        &weight,
+    );
+    let events: Vec<(String, u64)> = lb["stats"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (format!("event=\"{}\"", esc(k)), num(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    o.family(
+        "vswitch_lb_events_total",
+        "counter",
+        "Load-balancer counters (new connections, packets forwarded and replied, rejected, hairpin, dropped).",
+        &events,
+    );
+}
+
+/// Renders the metrics from the daemon's `show`, `fdb`, `leases`, `nat`,
+/// `sg` and `lb` data.
+pub fn render(
+    show: &Value,
+    fdb: &Value,
+    leases: &Value,
+    nat: &Value,
+    sg: &Value,
+    lb: &Value,
+) -> String {
     let mut o = Out::default();
+    render_lb(&mut o, lb);
     let mut hits = Vec::new();
     for t in sg["tenants"].as_array().into_iter().flatten() {
         for g in t["groups"].as_array().into_iter().flatten() {
@@ -335,7 +396,7 @@ async fn answer(mut stream: TcpStream, daemon: &Arc<Daemon>) -> std::io::Result<
             let text = tokio::task::spawn_blocking(move || {
                 let fdb = d.fdb(None, Timestamp::now()).unwrap_or(Value::Null);
                 let sg = d.sg(None).unwrap_or(Value::Null);
-                render(&d.show(), &fdb, &d.leases(None), &d.nat(), &sg)
+                render(&d.show(), &fdb, &d.leases(None), &d.nat(), &sg, &d.lb())
             })
             .await
             .unwrap_or_default();
@@ -380,7 +441,10 @@ mod tests {
         let sg = json!({"tenants": [{"tenant": "acme", "groups": [{"name": "web",
                         "rules": [{"number": 1, "direction": "ingress", "hits": 9}]}]}],
                         "ports": [{"port": "vm1", "tenant": "acme", "connections": 4}]});
-        let t = render(&show, &fdb, &leases, &nat, &sg);
+        let lb = json!({"load_balancers": [{"tenant": "acme", "name": "site", "backends": [
+                        {"name": "web1", "endpoint": "10.0.1.11:8000", "health": "up", "weight": 2, "connections": 5}]}],
+                        "stats": {"new": 7}});
+        let t = render(&show, &fdb, &leases, &nat, &sg, &lb);
         for want in [
             "# TYPE vswitch_port_rx_packets_total counter",
             "vswitch_port_rx_packets_total{port=\"vm1\",tenant=\"acme\",network=\"web\"} 3",
@@ -392,6 +456,9 @@ mod tests {
             "vswitch_sg_rule_hits_total{tenant=\"acme\",group=\"web\",rule=\"1\",direction=\"ingress\"} 9",
             "vswitch_sg_port_connections{port=\"vm1\",tenant=\"acme\"} 4",
             "vswitch_nat_events_total{event=\"hairpin\"} 2",
+            "vswitch_lb_backend_up{tenant=\"acme\",lb=\"site\",backend=\"web1\",endpoint=\"10.0.1.11:8000\"} 1",
+            "vswitch_lb_backend_connections{tenant=\"acme\",lb=\"site\",backend=\"web1\",endpoint=\"10.0.1.11:8000\"} 5",
+            "vswitch_lb_events_total{event=\"new\"} 7",
             "vswitch_peer_drops_total{peer=\"b\",vtep=\"198.19.0.2\",reason=\"underlay_unknown_vni\"} 2",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
