@@ -330,6 +330,10 @@ fn spread_health_drain_hairpin_and_external_vip() {
         String::from_utf8_lossy(&o.stdout).ends_with(" 203.0.113.1"),
         "the backend sees the external client"
     );
+    // A VM of the tenant reaches the external VIP too (balanced on its
+    // own host, answered back inside).
+    let seen = requests(&dir, &cli, "http://203.0.113.50/", 10);
+    assert_eq!(seen.get("fail"), Some(&0), "{seen:?}");
 
     // Every backend down: refused at once (ICMP port unreachable), counted.
     for (_, mut s) in std::mem::take(&mut servers) {

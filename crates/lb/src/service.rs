@@ -65,7 +65,7 @@ pub struct LbConn {
     pub lb: u32,
     /// The backend chosen.
     pub backend: BackendId,
-    /// Reached through an external VIP.
+    /// The client came from the uplink (its replies leave through it).
     pub external: bool,
 }
 
@@ -258,14 +258,16 @@ impl Services {
     }
 
     /// A packet in `zone` from port `port` (charged for new connections):
-    /// balanced if it is addressed to a VIP. `pick(lb, hash)` chooses the
-    /// backend (address and port) of a new connection. `partial`: the L4
-    /// checksum is a pseudo-header sum for offload.
+    /// balanced if it is addressed to a VIP. `from_uplink`: the client is
+    /// on the external network (not a VM of the tenant). `pick(lb, hash)`
+    /// chooses the backend (address and port) of a new connection.
+    /// `partial`: the L4 checksum is a pseudo-header sum for offload.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
         zone: u32,
         port: u32,
+        from_uplink: bool,
         key: &FlowKey,
         frame: &mut [u8],
         partial: bool,
@@ -276,7 +278,17 @@ impl Services {
             return Forward::NotVip;
         };
         let out = self.forward_inner(
-            zone, port, vip, rule, retired, key, frame, partial, now, pick,
+            zone,
+            port,
+            from_uplink,
+            vip,
+            rule,
+            retired,
+            key,
+            frame,
+            partial,
+            now,
+            pick,
         );
         match out {
             Forward::To { new, .. } => {
@@ -297,6 +309,7 @@ impl Services {
         &mut self,
         zone: u32,
         port: u32,
+        from_uplink: bool,
         vip: VipKey,
         rule: VipRule,
         retired: bool,
@@ -367,7 +380,7 @@ impl Services {
                 let ext = LbConn {
                     lb: rule.lb,
                     backend,
-                    external: rule.external,
+                    external: from_uplink,
                 };
                 if let Err(e) = self.ct.commit_with_reply(&nc, reply, now, ext) {
                     return Forward::Drop(match e {

@@ -24,8 +24,10 @@ use crate::clock::Timestamp;
 use crate::config::{Config, LoadBalancerCfg, NetKey};
 use crate::dataplane::Snapshot;
 
-/// Frames waiting for the probers, at most.
-pub const INBOX_MAX: usize = 4096;
+/// Frames waiting for one network's prober, at most: a VM flooding its
+/// network's prober fills only that network's inbox, never another
+/// tenant's health checks.
+pub const INBOX_MAX: usize = 1024;
 /// Longest the health thread sleeps when no timer is due.
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 
@@ -51,7 +53,7 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct Balancers {
     inner: Mutex<Inner>,
-    inbox: Mutex<VecDeque<(NetKey, Vec<u8>)>>,
+    inbox: Mutex<HashMap<NetKey, VecDeque<Vec<u8>>>>,
     wake: Condvar,
     stop: AtomicBool,
     /// Frames for a prober dropped because the inbox was full.
@@ -94,6 +96,7 @@ impl Balancers {
                 .push(l);
         }
         inner.nets.retain(|k, _| want.contains_key(k));
+        self.inbox.lock().retain(|k, _| want.contains_key(k));
         inner.by_lb.clear();
         inner.names.clear();
         for (key, lbs) in want {
@@ -190,13 +193,19 @@ impl Balancers {
     /// Hands a frame addressed to `net`'s prober to the health thread;
     /// `false` (counted) when the inbox is full.
     pub fn deliver(&self, net: &NetKey, frame: &[u8]) -> bool {
-        let mut q = self.inbox.lock();
-        if q.len() >= INBOX_MAX {
-            self.inbox_dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
+        let mut inbox = self.inbox.lock();
+        if let Some(q) = inbox.get_mut(net) {
+            if q.len() >= INBOX_MAX {
+                drop(inbox);
+                self.inbox_dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            q.push_back(frame.to_vec());
+        } else {
+            // Networks come from the config, so the map is bounded by it.
+            inbox.insert(net.clone(), VecDeque::from([frame.to_vec()]));
         }
-        q.push_back((net.clone(), frame.to_vec()));
-        drop(q);
+        drop(inbox);
         self.wake.notify_one();
         true
     }
@@ -246,7 +255,12 @@ impl Balancers {
     pub fn run(self: Arc<Self>, shared: Arc<ArcSwap<Snapshot>>) {
         let mut sc = crate::dataplane::ServiceScratch::default();
         while !self.stop.load(Ordering::Relaxed) {
-            let frames: Vec<(NetKey, Vec<u8>)> = self.inbox.lock().drain(..).collect();
+            let frames: Vec<(NetKey, Vec<u8>)> = self
+                .inbox
+                .lock()
+                .iter_mut()
+                .flat_map(|(k, q)| q.drain(..).map(|f| (k.clone(), f)).collect::<Vec<_>>())
+                .collect();
             let now = Timestamp::now();
             let mut out: Vec<(NetKey, Vec<u8>)> = Vec::new();
             let mut next: Option<u64> = None;
@@ -287,7 +301,10 @@ impl Balancers {
                 .unwrap_or(IDLE_WAIT)
                 .min(IDLE_WAIT);
             let mut q = self.inbox.lock();
-            if q.is_empty() && !self.stop.load(Ordering::Relaxed) && !wait.is_zero() {
+            if q.values().all(VecDeque::is_empty)
+                && !self.stop.load(Ordering::Relaxed)
+                && !wait.is_zero()
+            {
                 self.wake.wait_for(&mut q, wait);
             }
         }

@@ -98,7 +98,7 @@ fn services() -> Services {
 
 fn fwd(s: &mut Services, f: &mut [u8], backend: Option<[u8; 4]>, port: u16) -> Forward {
     let key = FlowKey::parse(f).unwrap();
-    s.forward(ZONE, 1, &key, f, false, NOW, |_, _| {
+    s.forward(ZONE, 1, false, &key, f, false, NOW, |_, _| {
         backend.map(|b| (BackendId(u32::from(b[3])), sa(b, port)))
     })
 }
@@ -203,7 +203,7 @@ fn udp_and_other_ports_and_zones() {
     let mut f = tcp(client, sa(VIP, 80), true, 1, None);
     let key = FlowKey::parse(&f).unwrap();
     assert_eq!(
-        s.forward(ZONE + 1, 1, &key, &mut f, false, NOW, |_, _| None),
+        s.forward(ZONE + 1, 1, false, &key, &mut f, false, NOW, |_, _| None),
         Forward::NotVip
     );
     assert!(s.is_vip_addr(ZONE, Ipv4Addr::from(VIP)));

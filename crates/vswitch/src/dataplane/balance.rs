@@ -119,6 +119,7 @@ impl Snapshot {
         let out = self.lb.lock().forward(
             net.ct_zone,
             ingress.id,
+            false,
             key,
             buf.frame_mut(),
             partial,
@@ -152,6 +153,9 @@ impl Snapshot {
         now: Timestamp,
     ) -> Option<Verdict> {
         let (_, dst, p, _, dport) = tuple4(key)?;
+        if !self.lb_external.contains(&dst) {
+            return None;
+        }
         let &(zone, ..) = self
             .lb_gate
             .vips
@@ -161,6 +165,7 @@ impl Snapshot {
         let out = self.lb.lock().forward(
             zone,
             ingress.id,
+            true,
             key,
             buf.frame_mut(),
             partial,
