@@ -277,6 +277,11 @@ impl Services {
         let Some((vip, rule, retired)) = self.vip_of(zone, key) else {
             return Forward::NotVip;
         };
+        // A corrupt header is never forwarded with its checksum patched.
+        if !header_ok(key, frame) {
+            self.stats.dropped += 1;
+            return Forward::Drop(LbDrop::Malformed);
+        }
         let out = self.forward_inner(
             zone,
             port,
@@ -382,13 +387,18 @@ impl Services {
                     backend,
                     external: from_uplink,
                 };
-                if let Err(e) = self.ct.commit_with_reply(&nc, reply, now, ext) {
-                    return Forward::Drop(match e {
-                        conntrack::CommitError::Exists(_) => LbDrop::Hairpin,
-                        _ => LbDrop::Limit,
-                    });
-                }
+                let id = match self.ct.commit_with_reply(&nc, reply, now, ext) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        return Forward::Drop(match e {
+                            conntrack::CommitError::Exists(_) => LbDrop::Hairpin,
+                            _ => LbDrop::Limit,
+                        })
+                    }
+                };
                 if !nat::rewrite_tuple(key, frame, from, ep, partial) {
+                    // Nothing written; no half connection left behind.
+                    self.ct.remove(id);
                     return Forward::Drop(LbDrop::Malformed);
                 }
                 if from.ip() != &src {
@@ -419,6 +429,9 @@ impl Services {
         partial: bool,
         now: u64,
     ) -> Reply {
+        if !header_ok(key, frame) {
+            return Reply::NotOurs;
+        }
         let Track::Established {
             id,
             dir: Dir::Reply,
@@ -520,6 +533,14 @@ pub fn tuple4(key: &FlowKey) -> Option<(Ipv4Addr, Ipv4Addr, u8, u16, u16)> {
         L4::Udp { src_port, dst_port } => Some((s, d, proto::UDP, src_port, dst_port)),
         _ => None,
     }
+}
+
+/// An IPv4 header without options whose checksum verifies.
+fn header_ok(key: &FlowKey, frame: &[u8]) -> bool {
+    let l3 = usize::from(key.l3_offset);
+    frame
+        .get(l3..l3 + 20)
+        .is_some_and(|h| h[0] == 0x45 && packet::checksum::verify(h))
 }
 
 fn sock(a: IpAddr, port: u16) -> Option<SocketAddrV4> {

@@ -254,3 +254,26 @@ fn connections_survive_a_rule_change_until_they_end() {
     s.expire(later, usize::MAX);
     assert!(s.vip_of(ZONE, &FlowKey::parse(&f).unwrap()).is_none());
 }
+
+#[test]
+fn corrupt_headers_are_not_balanced_or_rewritten() {
+    // Found by the lb_service fuzz target: a header whose checksum fails
+    // was DNATed with its (bad) checksum patched.
+    let mut s = services();
+    let client = sa([10, 0, 1, 50], 40000);
+    let mut f = tcp(client, sa(VIP, 80), true, 1, None);
+    f[14 + 10] ^= 0xff;
+    let before = f.clone();
+    assert_eq!(
+        fwd(&mut s, &mut f, Some([10, 0, 1, 11]), 8000),
+        Forward::Drop(LbDrop::Malformed)
+    );
+    assert_eq!(f, before);
+    assert!(s.conntrack().is_empty());
+    let mut r = tcp(sa([10, 0, 1, 11], 8000), client, true, 100, Some(2));
+    r[14 + 10] ^= 0xff;
+    let before = r.clone();
+    let key = FlowKey::parse(&r).unwrap();
+    assert_eq!(s.reply(ZONE, &key, &mut r, false, NOW), Reply::NotOurs);
+    assert_eq!(r, before);
+}
