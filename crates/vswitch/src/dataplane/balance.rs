@@ -198,22 +198,30 @@ impl Snapshot {
     }
 
     /// The reply of a balanced connection decapsulated from a peer (the
-    /// backend lives there, the connection here): rewritten in place when
-    /// it is one.
-    pub(super) fn lb_remote_reply(&self, net: &NetworkRt, buf: &mut PacketBuf, now: Timestamp) {
-        let Ok(key) = FlowKey::parse(buf.frame()) else {
-            return;
-        };
-        let Some((src, dst, p, sport, _)) = tuple4(&key) else {
-            return;
-        };
+    /// backend lives there, the connection here): a rewritten copy when it
+    /// is one. Frames the gate rules out are neither copied nor locked.
+    pub(super) fn lb_remote_reply(
+        &self,
+        net: &NetworkRt,
+        b: &PacketBuf,
+        now: Timestamp,
+    ) -> Option<PacketBuf> {
+        let key = FlowKey::parse(b.frame()).ok()?;
+        let (src, dst, p, sport, _) = tuple4(&key)?;
         let zone = net.ct_zone;
-        if self.lb_gate.may_be_reply(zone, src, dst, p, sport) {
-            let partial = buf.offload.csum.is_some();
-            let _ = self
-                .lb
-                .lock()
-                .reply(zone, &key, buf.frame_mut(), partial, now.0);
+        if !self.lb_gate.may_be_reply(zone, src, dst, p, sport) {
+            return None;
+        }
+        let mut c = PacketBuf::from_frame(b.frame());
+        c.offload = b.offload;
+        let partial = c.offload.csum.is_some();
+        match self
+            .lb
+            .lock()
+            .reply(zone, &key, c.frame_mut(), partial, now.0)
+        {
+            lb::Reply::To { .. } => Some(c),
+            lb::Reply::NotOurs => None,
         }
     }
 }

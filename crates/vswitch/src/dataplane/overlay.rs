@@ -435,11 +435,10 @@ fn remote_frame(
     // address, which its MAC owns); the rewrite comes after.
     let v = snap.process_remote(peer, net_idx, net, b, now);
     if !snap.lb_gate.is_empty() && matches!(v, Verdict::Forward(_) | Verdict::Flood) {
-        let mut c = PacketBuf::from_frame(b.frame());
-        c.offload = b.offload;
-        snap.lb_remote_reply(net, &mut c, now);
-        deliver_remote(snap, net, peer, &c, v);
-        return;
+        if let Some(c) = snap.lb_remote_reply(net, b, now) {
+            deliver_remote(snap, net, peer, &c, v);
+            return;
+        }
     }
     deliver_remote(snap, net, peer, b, v);
 }
