@@ -680,6 +680,13 @@ impl Switch {
         run_timeout(&mut cmd, Duration::from_secs(15))
     }
 
+    /// Runs `vswitchctl --socket S ARGS` (the human form).
+    pub fn ctl_output_plain(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&bins().vswitchctl);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        run_timeout(&mut cmd, Duration::from_secs(15))
+    }
+
     /// Runs `vswitchctl --socket S --json ARGS`, asserts exit 0 and parses
     /// its one-line JSON output.
     pub fn ctl(&self, args: &[&str]) -> Value {

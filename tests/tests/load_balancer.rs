@@ -208,6 +208,46 @@ fn spread_health_drain_hairpin_and_external_vip() {
     }
     let st = sw.ctl(&["lb"]);
     assert!(st["stats"]["new"].as_u64().unwrap_or(0) >= 300, "{st:#}");
+    // `stats` carries the backends' counters too.
+    let stats = sw.ctl(&["stats"]);
+    let web_backends: Vec<&Value> = stats["lb_backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["load_balancer"] == "web")
+        .collect();
+    assert_eq!(web_backends.len(), 3, "{stats:#}");
+    assert!(
+        web_backends
+            .iter()
+            .all(|b| b["health"] == "up" && b["probes"].as_u64().unwrap_or(0) > 0),
+        "{stats:#}"
+    );
+    // A trace to the VIP names the balancer and the backend Maglev picks,
+    // and commits nothing.
+    let before = sw.ctl(&["lb"])["stats"]["new"].as_u64().unwrap_or(0);
+    let t = sw.ctl(&[
+        "trace",
+        "--port",
+        &cli,
+        "tcp 10.0.1.10:41000 > 10.0.1.100:80",
+    ]);
+    let steps = t["steps"].to_string();
+    assert!(
+        steps.contains("load balancer acme/web: VIP 10.0.1.100:80, new connection, Maglev picks -> backend 10.0.1.1"),
+        "{t:#}"
+    );
+    assert!(
+        t["verdict"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("delivered: port "),
+        "{t:#}"
+    );
+    assert_eq!(
+        sw.ctl(&["lb"])["stats"]["new"].as_u64().unwrap_or(0),
+        before
+    );
 
     // b2's server stops: after the health window nothing fails and b2
     // gets nothing.

@@ -84,4 +84,50 @@ name = "acme"
         "scraped {scraped}, show {shown}"
     );
     assert!(scrape("/other").starts_with("HTTP/1.1 404"));
+
+    // A Prometheus parser reads the whole exposition, and the counters
+    // move with traffic between two scrapes.
+    let parse = |text: &str| -> prometheus_parse::Scrape {
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let lines = body.lines().map(|l| Ok(l.to_string()));
+        prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text format")
+    };
+    let sample = |sc: &prometheus_parse::Scrape, name: &str, label: (&str, &str)| -> f64 {
+        sc.samples
+            .iter()
+            .find(|x| x.metric == name && x.labels.get(label.0) == Some(label.1))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("no {name} with {label:?}"))
+    };
+    let first = parse(&scrape("/metrics"));
+    assert!(first.samples.len() > 20, "{} samples", first.samples.len());
+    for family in [
+        "vswitch_port_rx_packets_total",
+        "vswitch_peer_tx_packets_total",
+        "vswitch_fdb_entries",
+        "vswitch_uptime_seconds",
+    ] {
+        assert!(
+            first.docs.contains_key(family),
+            "no HELP for {family}: {:?}",
+            first.docs.keys().collect::<Vec<_>>()
+        );
+    }
+    let before = sample(&first, "vswitch_peer_tx_packets_total", ("peer", &hb));
+    let out = lab.exec(&v1, &["ping", "-c", "20", "-i", "0.01", "-q", "10.0.1.12"]);
+    assert!(out.status.success(), "{}", fmt_output(&out));
+    let second = parse(&scrape("/metrics"));
+    let after = sample(&second, "vswitch_peer_tx_packets_total", ("peer", &hb));
+    assert!(
+        after - before >= 20.0,
+        "peer tx went from {before} to {after}"
+    );
+    let rx =
+        |sc: &prometheus_parse::Scrape| sample(sc, "vswitch_port_rx_packets_total", ("port", &v1));
+    assert!(rx(&second) - rx(&first) >= 20.0);
 }

@@ -156,6 +156,56 @@ fn vms_on_two_hosts_talk_isolated_by_tenant() {
         fmt_output(&link)
     );
 
+    // Underlay capture on host a for w1's frames: decoded by tshark as
+    // VXLAN with acme's VNI, the outer underlay addresses and the inner
+    // ping; globex's identical ping (same MACs and IPs) is not in it.
+    let ufile = dir.file("underlay.pcapng");
+    let mut ucap = std::process::Command::new(&bins().vswitchctl);
+    ucap.arg("--socket").arg(lab.socket(&l.ha)).args([
+        "capture", "--stage", "underlay", "--port", &w1, "--filter", "icmp", "-c", "4", "-w",
+    ]);
+    ucap.arg(&ufile);
+    let mut uchild = ucap.spawn().expect("vswitchctl capture --stage underlay");
+    std::thread::sleep(Duration::from_millis(300));
+    lab.assert_ping(&g1, "10.0.1.12", 2);
+    lab.assert_ping(&w1, "10.0.1.12", 2);
+    assert!(wait_until(Duration::from_secs(10), || matches!(
+        uchild.try_wait(),
+        Ok(Some(_))
+    )));
+    let mut c = std::process::Command::new("tshark");
+    c.arg("-r").arg(&ufile).args([
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-e",
+        "vxlan.vni",
+        "-e",
+        "ip.src",
+        "-e",
+        "ip.dst",
+        "-e",
+        "icmp.type",
+        "-e",
+        "frame.comment",
+    ]);
+    let o = run_timeout(&mut c, Duration::from_secs(60));
+    assert!(o.status.success(), "tshark: {}", fmt_output(&o));
+    let lines: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    let sent = format!("1001|{UL_A},10.0.1.11|{UL_B},10.0.1.12|8|stage=tx");
+    let got = format!("1001|{UL_B},10.0.1.12|{UL_A},10.0.1.11|0|stage=rx");
+    assert_eq!(
+        lines.iter().filter(|l| **l == sent).count(),
+        2,
+        "{lines:#?}"
+    );
+    assert_eq!(lines.iter().filter(|l| **l == got).count(), 2, "{lines:#?}");
+
     // Isolation: acme's patterned traffic never reaches globex's VMs.
     let (cap_g2, file_g2) = capture(&dir, &g2, "g2", "eth0");
     let (cap_w2, file_w2) = capture(&dir, &w2, "w2", "eth0");

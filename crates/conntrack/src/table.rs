@@ -563,22 +563,9 @@ impl<E> Conntrack<E> {
                 }
             }
         }
-        let state = match (ck.proto, seg) {
-            (proto::TCP, Some(seg)) => {
-                if let Err(r) = TcpConn::check_first(&seg) {
-                    return Track::Invalid(r);
-                }
-                ProtoState::Tcp(TcpConn::from_syn(&seg))
-            }
-            (proto::UDP, _) => ProtoState::Udp { assured: false },
-            _ if ck.is_icmp() => {
-                let ty = u8::try_from(ck.dst_port).unwrap_or(0);
-                if !icmp_is_request(ck.is_v6(), ty) {
-                    return Track::Invalid(Invalid::IcmpReplyNoRequest);
-                }
-                ProtoState::Icmp { replied: false }
-            }
-            _ => ProtoState::Other { replied: false },
+        let state = match first_state(&ck, seg) {
+            Ok(s) => s,
+            Err(r) => return Track::Invalid(r),
         };
         if let Some(l) = self.cap_hit(port, now) {
             return Track::Refused(l);
@@ -589,6 +576,20 @@ impl<E> Conntrack<E> {
             state,
             ip_len,
         })
+    }
+
+    /// What [`Conntrack::track`] would say of a packet whose connection is
+    /// not in the table, without looking at the table: untracked, invalid
+    /// as a first packet (a TCP segment without SYN, an ICMP reply), an
+    /// ICMP error (related to whatever it quotes), or `None`: it may start
+    /// a connection (caps not checked). For a packet trace, which must
+    /// change nothing.
+    pub fn first_packet(zone: u32, key: &FlowKey, frame: &[u8]) -> Option<Track> {
+        match Self::classify(zone, key, frame) {
+            Lookup::Done(t) => Some(t),
+            Lookup::IcmpError => Some(Track::Invalid(Invalid::IcmpErrorNoMatch)),
+            Lookup::Conn { key, seg, .. } => first_state(&key, seg).err().map(Track::Invalid),
+        }
     }
 
     fn related(&mut self, zone: u32, key: &FlowKey, frame: &[u8], now: u64) -> Track {
@@ -1014,4 +1015,24 @@ impl<E> Conntrack<E> {
 pub(crate) enum RestoreError {
     Exists,
     Limit(Limit),
+}
+
+/// The state a connection's first packet starts, or why it cannot start
+/// one.
+fn first_state(ck: &ConnKey, seg: Option<crate::state::Seg>) -> Result<ProtoState, Invalid> {
+    Ok(match (ck.proto, seg) {
+        (proto::TCP, Some(seg)) => {
+            TcpConn::check_first(&seg)?;
+            ProtoState::Tcp(TcpConn::from_syn(&seg))
+        }
+        (proto::UDP, _) => ProtoState::Udp { assured: false },
+        _ if ck.is_icmp() => {
+            let ty = u8::try_from(ck.dst_port).unwrap_or(0);
+            if !icmp_is_request(ck.is_v6(), ty) {
+                return Err(Invalid::IcmpReplyNoRequest);
+            }
+            ProtoState::Icmp { replied: false }
+        }
+        _ => ProtoState::Other { replied: false },
+    })
 }

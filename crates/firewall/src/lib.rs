@@ -262,6 +262,33 @@ pub struct RuleSpec {
     pub remote: Remote,
 }
 
+impl fmt::Display for RuleSpec {
+    /// `ingress tcp 80 from 10.0.0.0/24`, `egress any to any`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (dir, way) = match self.direction {
+            Direction::Ingress => ("ingress", "from"),
+            Direction::Egress => ("egress", "to"),
+        };
+        write!(f, "{dir} {} {}", self.family, self.proto)?;
+        match self.ports {
+            Some((a, b)) if a == b => write!(f, " {a}")?,
+            Some((a, b)) => write!(f, " {a}-{b}")?,
+            None => {}
+        }
+        if let Some(t) = self.icmp_type {
+            write!(f, " type {t}")?;
+        }
+        if let Some(c) = self.icmp_code {
+            write!(f, " code {c}")?;
+        }
+        match &self.remote {
+            Remote::Any => write!(f, " {way} any"),
+            Remote::Cidr(n) => write!(f, " {way} {n}"),
+            Remote::Group(g) => write!(f, " {way} group {g}"),
+        }
+    }
+}
+
 /// A security group as configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupSpec {
@@ -691,6 +718,16 @@ impl Firewall {
     /// skipped.
     #[inline]
     pub fn evaluate(&self, groups: &[GroupId], dir: Direction, pkt: &Packet) -> Option<RuleRef> {
+        let r = self.classify(groups, dir, pkt)?;
+        if let Some(c) = self.counter(r) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(r)
+    }
+
+    /// [`Firewall::evaluate`] without counting the hit (a packet trace
+    /// asks what would match).
+    pub fn classify(&self, groups: &[GroupId], dir: Direction, pkt: &Packet) -> Option<RuleRef> {
         let (remote, field) = pkt.fields()?;
         let s = slot(dir, pkt.family);
         for &g in groups {
@@ -698,11 +735,7 @@ impl Firewall {
                 continue;
             };
             if let Some(rule) = t.lookup(pkt.proto, remote, field) {
-                let r = RuleRef { group: g, rule };
-                if let Some(c) = self.counter(r) {
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
-                return Some(r);
+                return Some(RuleRef { group: g, rule });
             }
         }
         None

@@ -354,26 +354,11 @@ impl Services {
             }
             Track::New(_) if retired => Forward::NotVip,
             Track::New(nc) => {
-                let flow = FlowTuple {
-                    src: IpAddr::V4(src),
-                    dst: IpAddr::V4(*vip.addr.ip()),
-                    proto: p,
-                    src_port: sport,
-                    dst_port: dport,
-                };
-                let Some((backend, ep)) = pick(rule.lb, flow_hash(FLOW_SEED, &flow)) else {
-                    return Forward::Reject(rule.lb);
-                };
-                // A backend reaching its own VIP: it must see the packet
-                // come from elsewhere, or it answers itself.
-                let from = if *ep.ip() == src {
-                    match rule.hairpin_src {
-                        Some(s) => SocketAddrV4::new(s, sport),
-                        None => return Forward::Drop(LbDrop::Hairpin),
-                    }
-                } else {
-                    SocketAddrV4::new(src, sport)
-                };
+                let (backend, from, ep) =
+                    match choose_backend(vip, rule, (src, p, sport, dport), pick) {
+                        Ok(c) => c,
+                        Err(f) => return f,
+                    };
                 let reply = ConnKey {
                     zone,
                     src: IpAddr::V4(*ep.ip()),
@@ -458,6 +443,93 @@ impl Services {
         }
     }
 
+    /// What [`Services::forward`] would do with a packet, for a packet
+    /// trace: the same decision and the same rewrite of `frame`, but
+    /// nothing committed, tracked or counted (the connection table only
+    /// looked up).
+    #[allow(clippy::too_many_arguments)]
+    pub fn preview_forward(
+        &self,
+        zone: u32,
+        key: &FlowKey,
+        frame: &mut [u8],
+        partial: bool,
+        now: u64,
+        pick: impl FnOnce(u32, u64) -> Option<(BackendId, SocketAddrV4)>,
+    ) -> Forward {
+        let Some((vip, rule, retired)) = self.vip_of(zone, key) else {
+            return Forward::NotVip;
+        };
+        if !header_ok(key, frame) {
+            return Forward::Drop(LbDrop::Malformed);
+        }
+        let Some((src, _, p, sport, dport)) = tuple4(key) else {
+            return Forward::NotVip;
+        };
+        let (to_src, to_dst, lb, new) = match self.ct.lookup_flow(zone, key, now) {
+            Some((id, Dir::Original)) => {
+                let Some(e) = self.ct.get(id, now) else {
+                    return Forward::Drop(LbDrop::Invalid);
+                };
+                let (Some(s), Some(d)) = (
+                    sock(e.reply.dst, e.reply.dst_port),
+                    sock(e.reply.src, e.reply.src_port),
+                ) else {
+                    return Forward::Drop(LbDrop::Malformed);
+                };
+                (s, d, e.ext.lb, false)
+            }
+            Some((_, Dir::Reply)) => return Forward::Drop(LbDrop::Invalid),
+            None if retired => return Forward::NotVip,
+            None => match choose_backend(vip, rule, (src, p, sport, dport), pick) {
+                Ok((_, from, ep)) => (from, ep, rule.lb, true),
+                Err(f) => return f,
+            },
+        };
+        if !nat::rewrite_tuple(key, frame, to_src, to_dst, partial) {
+            return Forward::Drop(LbDrop::Malformed);
+        }
+        Forward::To {
+            dst: *to_dst.ip(),
+            lb,
+            new,
+        }
+    }
+
+    /// What [`Services::reply`] would do, for a packet trace: the same
+    /// rewrite, nothing tracked or counted.
+    pub fn preview_reply(
+        &self,
+        zone: u32,
+        key: &FlowKey,
+        frame: &mut [u8],
+        partial: bool,
+        now: u64,
+    ) -> Reply {
+        if !header_ok(key, frame) {
+            return Reply::NotOurs;
+        }
+        let Some((id, Dir::Reply)) = self.ct.lookup_flow(zone, key, now) else {
+            return Reply::NotOurs;
+        };
+        let Some(e) = self.ct.get(id, now) else {
+            return Reply::NotOurs;
+        };
+        let (Some(to_src), Some(to_dst)) = (
+            sock(e.orig.dst, e.orig.dst_port),
+            sock(e.orig.src, e.orig.src_port),
+        ) else {
+            return Reply::NotOurs;
+        };
+        if !nat::rewrite_tuple(key, frame, to_src, to_dst, partial) {
+            return Reply::NotOurs;
+        }
+        Reply::To {
+            dst: *to_dst.ip(),
+            external: e.ext.external,
+        }
+    }
+
     /// Reaps up to `max` expired connections.
     pub fn expire(&mut self, now: u64, max: usize) -> usize {
         let n = self.ct.expire(now, max);
@@ -536,6 +608,36 @@ pub fn tuple4(key: &FlowKey) -> Option<(Ipv4Addr, Ipv4Addr, u8, u16, u16)> {
 }
 
 /// An IPv4 header without options whose checksum verifies.
+/// A new connection's backend: `pick` by the flow's hash, and the source
+/// the backend will see (the service address when the backend is the
+/// client: it must see the packet come from elsewhere, or it answers
+/// itself). `Err`: the verdict instead (no backend, hairpin impossible).
+fn choose_backend(
+    vip: VipKey,
+    rule: VipRule,
+    (src, p, sport, dport): (Ipv4Addr, u8, u16, u16),
+    pick: impl FnOnce(u32, u64) -> Option<(BackendId, SocketAddrV4)>,
+) -> Result<(BackendId, SocketAddrV4, SocketAddrV4), Forward> {
+    let flow = FlowTuple {
+        src: IpAddr::V4(src),
+        dst: IpAddr::V4(*vip.addr.ip()),
+        proto: p,
+        src_port: sport,
+        dst_port: dport,
+    };
+    let (backend, ep) =
+        pick(rule.lb, flow_hash(FLOW_SEED, &flow)).ok_or(Forward::Reject(rule.lb))?;
+    let from = if *ep.ip() == src {
+        SocketAddrV4::new(
+            rule.hairpin_src.ok_or(Forward::Drop(LbDrop::Hairpin))?,
+            sport,
+        )
+    } else {
+        SocketAddrV4::new(src, sport)
+    };
+    Ok((backend, from, ep))
+}
+
 fn header_ok(key: &FlowKey, frame: &[u8]) -> bool {
     let l3 = usize::from(key.l3_offset);
     frame

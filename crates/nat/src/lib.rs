@@ -314,6 +314,36 @@ pub enum MappingKind {
     Forward,
 }
 
+/// What a translation would do (see [`Nat::preview`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preview {
+    /// No rule and no connection: not NAT's packet.
+    NoMatch,
+    /// A tracked connection's packet: it leaves as `src -> dst` into
+    /// `zone` ([`EXTERNAL_ZONE`]: out of the uplink).
+    Established {
+        /// The rule kind that made the connection.
+        kind: MappingKind,
+        /// Where the packet goes.
+        zone: u32,
+        /// Source after translation.
+        src: SocketAddrV4,
+        /// Destination after translation.
+        dst: SocketAddrV4,
+    },
+    /// A new connection a rule would take.
+    New {
+        /// The rule kind.
+        kind: MappingKind,
+        /// Where the packet goes.
+        zone: u32,
+        /// Source after translation.
+        src: SocketAddrV4,
+        /// Destination after translation.
+        dst: SocketAddrV4,
+    },
+}
+
 /// Counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NatStats {
@@ -978,6 +1008,64 @@ impl Nat {
             }
         };
         Ok((make(port), Some((ek, port))))
+    }
+
+    /// What [`Nat::translate`] would do with a packet that arrived in zone
+    /// `from`, for a packet trace: the rule or tracked connection that
+    /// takes it and the addresses it would leave with, with nothing
+    /// tracked, allocated or counted. A new SNAT connection shows its
+    /// source port as kept; the real translation keeps it when it is free
+    /// in the pool and picks another otherwise.
+    pub fn preview(&self, from: u32, key: &FlowKey, now: u64) -> Preview {
+        let Some(k) = ConnKey::from_flow(from, key) else {
+            return Preview::NoMatch;
+        };
+        let sock = |a: IpAddr, p: u16| v4(a).map(|a| SocketAddrV4::new(a, p));
+        if let Some((id, dir)) = self.ct.lookup(&k, now) {
+            let Some(e) = self.ct.get(id, now) else {
+                return Preview::NoMatch;
+            };
+            // The packet leaves as the mirror of what the other side sends.
+            let (other, to_zone) = match dir {
+                Dir::Original => (e.reply, e.reply.zone),
+                Dir::Reply => (e.orig, e.orig.zone),
+            };
+            return match (
+                sock(other.dst, other.dst_port),
+                sock(other.src, other.src_port),
+            ) {
+                (Some(src), Some(dst)) => Preview::Established {
+                    kind: e.ext.kind,
+                    zone: to_zone,
+                    src,
+                    dst,
+                },
+                _ => Preview::NoMatch,
+            };
+        }
+        let (Some(src), Some(dst)) = (sock(k.src, k.src_port), sock(k.dst, k.dst_port)) else {
+            return Preview::NoMatch;
+        };
+        match self.choose(from, &k) {
+            None => Preview::NoMatch,
+            Some(Choice::Out { kind, external }) => Preview::New {
+                kind,
+                zone: EXTERNAL_ZONE,
+                src: SocketAddrV4::new(external, src.port()),
+                dst,
+            },
+            Some(Choice::In {
+                kind,
+                zone,
+                to,
+                port,
+            }) => Preview::New {
+                kind,
+                zone,
+                src,
+                dst: SocketAddrV4::new(to, port.unwrap_or(dst.port())),
+            },
+        }
     }
 
     /// Reaps up to `max` expired connections, releasing their ports.

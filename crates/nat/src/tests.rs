@@ -1419,3 +1419,54 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn preview_says_what_translate_does_and_changes_nothing() {
+    let mut h = H::new(all_rules());
+    let pv = |h: &H, zone: u32, f: &[u8]| h.nat.preview(zone, &FlowKey::parse(f).unwrap(), h.now);
+    // New SNAT connection: out through E, the port kept; nothing tracked.
+    let syn = pkt(VM2, SRV, 40000, 80, L::Syn(1));
+    assert_eq!(
+        pv(&h, Z7, &syn),
+        Preview::New {
+            kind: MappingKind::Snat,
+            zone: EXTERNAL_ZONE,
+            src: sa(E, 40000),
+            dst: sa(SRV, 80)
+        }
+    );
+    assert!(h.nat.conntrack().is_empty());
+    assert_eq!(h.nat.stats().translated, 0);
+    // The floating IP and the port forward, inbound.
+    assert_eq!(
+        pv(&h, EXTERNAL_ZONE, &pkt(SRV, FIP, 1, 22, L::Syn(1))),
+        Preview::New {
+            kind: MappingKind::FloatingIn,
+            zone: Z7,
+            src: sa(SRV, 1),
+            dst: sa(VM, 22)
+        }
+    );
+    assert!(matches!(
+        pv(&h, EXTERNAL_ZONE, &pkt(SRV, E, 1, 8080, L::Syn(1))),
+        Preview::New { kind: MappingKind::Forward, zone: Z7, dst, .. } if dst == sa(VM, 80)
+    ));
+    // Once translated for real, the reply previews as the connection's.
+    let mut s = syn.clone();
+    let out = h.fwd(Z7, &mut s, EXTERNAL_ZONE);
+    let reply = pkt(SRV, E, 80, out.src.port(), L::SynAck(9, 2));
+    assert_eq!(
+        pv(&h, EXTERNAL_ZONE, &reply),
+        Preview::Established {
+            kind: MappingKind::Snat,
+            zone: Z7,
+            src: sa(SRV, 80),
+            dst: sa(VM2, 40000)
+        }
+    );
+    // Nobody's packet.
+    assert_eq!(
+        pv(&h, EXTERNAL_ZONE, &pkt(SRV, SRV2, 1, 2, L::Udp(1))),
+        Preview::NoMatch
+    );
+}

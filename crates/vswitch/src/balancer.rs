@@ -190,6 +190,12 @@ impl Balancers {
         Some((b.id, SocketAddrV4::new(b.ip, b.port)))
     }
 
+    /// `tenant/name` of load balancer `lb_id`.
+    pub fn name(&self, lb_id: u32) -> Option<String> {
+        let inner = self.inner.lock();
+        inner.names.get(&lb_id).map(|(t, n)| format!("{t}/{n}"))
+    }
+
     /// Hands a frame addressed to `net`'s prober to the health thread;
     /// `false` (counted) when the inbox is full.
     pub fn deliver(&self, net: &NetKey, frame: &[u8]) -> bool {

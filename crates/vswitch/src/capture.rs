@@ -95,6 +95,9 @@ pub struct Session {
     stages: u8,
     snaplen: u32,
     filter: Option<Filter>,
+    /// Underlay sessions for one port: only datagrams of the port's VNI
+    /// whose inner frame is from or to its MAC.
+    inner_port: Option<(packet::MacAddr, u32)>,
     /// Frames still wanted (`u64::MAX`: no limit).
     remaining: AtomicU64,
     queue: Mutex<(VecDeque<Record>, usize)>,
@@ -120,6 +123,7 @@ impl Session {
             stages: stages.iter().fold(0, |m, s| m | s.bit()),
             snaplen: snaplen.clamp(64, MAX_SNAPLEN),
             filter,
+            inner_port: None,
             remaining: AtomicU64::new(count.unwrap_or(u64::MAX)),
             queue: Mutex::new((VecDeque::new(), 0)),
             lost: AtomicU64::new(0),
@@ -127,6 +131,13 @@ impl Session {
             closed: AtomicBool::new(false),
             notify: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Only VXLAN datagrams with `vni` whose inner frame is from or to
+    /// `mac` (an underlay capture for one port).
+    pub fn for_port_on_underlay(mut self, mac: packet::MacAddr, vni: u32) -> Session {
+        self.inner_port = Some((mac, vni));
+        self
     }
 
     /// The snap length.
@@ -152,11 +163,33 @@ impl Session {
     }
 
     fn offer(&self, stage: Stage, reason: Option<DropReason>, frame: &[u8]) {
+        self.offer_parts(stage, reason, &[], frame, frame);
+    }
+
+    /// Offers the frame `head` + `body`, whose filter and port checks look
+    /// at `inner` (for an underlay datagram: the encapsulated frame).
+    fn offer_parts(
+        &self,
+        stage: Stage,
+        reason: Option<DropReason>,
+        head: &[u8],
+        body: &[u8],
+        inner: &[u8],
+    ) {
         if self.stages & stage.bit() == 0 || self.done() {
             return;
         }
+        if let Some((mac, vni)) = self.inner_port {
+            let is = |r: std::ops::Range<usize>| inner.get(r) == Some(&mac.0[..]);
+            let v = body
+                .get(4..7)
+                .map(|b| u32::from_be_bytes([0, b[0], b[1], b[2]]));
+            if v != Some(vni) || (!is(0..6) && !is(6..12)) {
+                return;
+            }
+        }
         if let Some(f) = &self.filter {
-            let Ok(key) = FlowKey::parse(frame) else {
+            let Ok(key) = FlowKey::parse(inner) else {
                 return;
             };
             if !f.matches(&key) {
@@ -171,7 +204,8 @@ impl Session {
         {
             return;
         }
-        let take = frame.len().min(self.snaplen as usize);
+        let len = head.len() + body.len();
+        let take = len.min(self.snaplen as usize);
         {
             let mut q = self.queue.lock();
             if q.0.len() >= QUEUE_FRAMES || q.1 + take > QUEUE_BYTES {
@@ -185,8 +219,14 @@ impl Session {
                 ts_us: now_us(),
                 stage,
                 reason,
-                orig_len: u32::try_from(frame.len()).unwrap_or(u32::MAX),
-                data: frame[..take].to_vec(),
+                orig_len: u32::try_from(len).unwrap_or(u32::MAX),
+                data: {
+                    let h = head.len().min(take);
+                    let mut d = Vec::with_capacity(take);
+                    d.extend_from_slice(&head[..h]);
+                    d.extend_from_slice(&body[..take - h]);
+                    d
+                },
             });
         }
         self.captured.fetch_add(1, Ordering::Relaxed);
@@ -200,12 +240,15 @@ fn now_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// The capture point of one port; lives as long as the port.
+/// The capture point of one port; lives as long as the port. It also
+/// holds the port's live packet traces (`vswitchctl trace --live`).
 #[derive(Debug, Default)]
 pub struct PortCapture {
     active: AtomicUsize,
     sessions: ArcSwap<Vec<Arc<Session>>>,
     lock: Mutex<()>,
+    live: AtomicUsize,
+    traces: ArcSwap<Vec<Arc<crate::trace::LiveSession>>>,
 }
 
 impl PortCapture {
@@ -226,6 +269,29 @@ impl PortCapture {
         }
     }
 
+    /// Whether any session listens (the caller builds what it offers only
+    /// then).
+    #[inline]
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed) != 0
+    }
+
+    /// Offers a frame made of `head` (headers the kernel adds, rebuilt for
+    /// the capture) and `body`; filters see `inner`.
+    #[cold]
+    pub fn offer_parts(
+        &self,
+        stage: Stage,
+        reason: Option<DropReason>,
+        head: &[u8],
+        body: &[u8],
+        inner: &[u8],
+    ) {
+        for s in self.sessions.load().iter() {
+            s.offer_parts(stage, reason, head, body, inner);
+        }
+    }
+
     /// Adds a session; `Err` when the port has [`MAX_SESSIONS_PER_PORT`].
     pub fn attach(&self, s: Arc<Session>) -> Result<(), String> {
         let _g = self.lock.lock();
@@ -240,6 +306,49 @@ impl PortCapture {
         self.active.store(v.len(), Ordering::Relaxed);
         self.sessions.store(Arc::new(v));
         Ok(())
+    }
+
+    /// Whether a live trace waits for packets of this port: one relaxed
+    /// load when none does.
+    #[inline]
+    pub fn tracing(&self) -> bool {
+        self.live.load(Ordering::Relaxed) != 0
+    }
+
+    /// The live trace that claims this frame, if any.
+    #[cold]
+    pub fn claim_trace(&self, frame: &[u8]) -> Option<Arc<crate::trace::LiveSession>> {
+        self.traces.load().iter().find(|t| t.claim(frame)).cloned()
+    }
+
+    /// Adds a live trace; `Err` when the port has [`MAX_SESSIONS_PER_PORT`].
+    pub fn attach_trace(&self, t: Arc<crate::trace::LiveSession>) -> Result<(), String> {
+        let _g = self.lock.lock();
+        let cur = self.traces.load();
+        if cur.len() >= MAX_SESSIONS_PER_PORT {
+            return Err(format!(
+                "the port already has {MAX_SESSIONS_PER_PORT} live traces; wait for one to end"
+            ));
+        }
+        let mut v: Vec<_> = cur.iter().cloned().collect();
+        v.push(t);
+        self.live.store(v.len(), Ordering::Relaxed);
+        self.traces.store(Arc::new(v));
+        Ok(())
+    }
+
+    /// Removes a live trace.
+    pub fn detach_trace(&self, t: &Arc<crate::trace::LiveSession>) {
+        let _g = self.lock.lock();
+        let v: Vec<_> = self
+            .traces
+            .load()
+            .iter()
+            .filter(|x| !Arc::ptr_eq(x, t))
+            .cloned()
+            .collect();
+        self.live.store(v.len(), Ordering::Relaxed);
+        self.traces.store(Arc::new(v));
     }
 
     /// Removes a session.

@@ -74,13 +74,34 @@ pub enum Request {
     },
     /// This host's uplink, NAT rules, mappings and counters.
     Nat {},
+    /// Packet trace from a port: a synthetic `flow` walked through the
+    /// pipeline as a dry run, or (`live`) the next real packets.
+    Trace {
+        /// Port name (a VM's port or the uplink).
+        port: String,
+        /// The synthetic packet, e.g. `tcp 10.0.1.10:40000 > 10.0.2.20:80`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        flow: Option<String>,
+        /// Trace this many real packets instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        live: Option<u64>,
+        /// Live: only packets matching this filter (capture syntax).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filter: Option<String>,
+        /// Live: wait at most this many seconds (default 10, at most 60).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<u64>,
+    },
     /// Packet capture at a port: after the answer line the connection
     /// carries a pcapng stream until `count` frames were sent or the client
     /// closes it.
     Capture {
-        /// Port name.
-        port: String,
-        /// Stages: any of "rx", "tx", "drop" (default all three).
+        /// Port name (optional for the underlay and uplink stages).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<String>,
+        /// Stages: any of "rx", "tx", "drop" (default all three); or
+        /// "underlay" (VXLAN datagrams, for one port's frames when a port
+        /// is named) or "uplink" (the uplink port), each alone.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stages: Option<Vec<String>>,
         /// Filter in the documented tcpdump subset (docs/cli.md).
@@ -121,6 +142,28 @@ pub fn handle_line(daemon: &Daemon, line: &[u8]) -> Value {
         Request::Reload {} => daemon
             .reload()
             .map(|r| serde_json::to_value(r).unwrap_or(Value::Null)),
+        Request::Trace {
+            port,
+            flow,
+            live,
+            filter,
+            timeout,
+        } => match (flow, live) {
+            (Some(f), None) if filter.is_none() => daemon.trace(&port, &f),
+            (None, Some(n)) => daemon.trace_live(
+                &port,
+                n,
+                filter.as_deref(),
+                Duration::from_secs(timeout.unwrap_or(10)),
+            ),
+            (Some(_), None) => Err("a filter is for live traces (--live N)".into()),
+            (Some(_), Some(_)) => {
+                Err("give either a flow to walk or --live N real packets, not both".into())
+            }
+            (None, None) => {
+                Err("give a flow, e.g. 'tcp 10.0.1.10:40000 > 10.0.2.20:80', or --live N".into())
+            }
+        },
         Request::Capture { .. } => Err("capture streams; it is handled by the connection".into()),
     };
     match result {
@@ -242,11 +285,98 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) -> std::io::Result<
 }
 
 struct CaptureSpec {
-    port: String,
+    port: Option<String>,
     stages: Option<Vec<String>>,
     filter: Option<String>,
     count: Option<u64>,
     snaplen: Option<u32>,
+}
+
+/// Where a capture listens and what it takes.
+struct CaptureTarget {
+    /// Port name, or `underlay`.
+    name: String,
+    point: Arc<crate::capture::PortCapture>,
+    stages: Vec<crate::capture::Stage>,
+    /// Underlay capture for one port: its MAC and VNI.
+    inner_port: Option<(packet::MacAddr, u32)>,
+}
+
+/// Resolves a capture request: a port's stages, the underlay (for one
+/// port's frames when a port is named), or the uplink port.
+fn capture_target(daemon: &Daemon, spec: &CaptureSpec) -> Result<CaptureTarget, String> {
+    use crate::capture::Stage;
+    let all = vec![Stage::Rx, Stage::Tx, Stage::Drop];
+    let no_port = |p: &str| format!("no port {p:?} on this switch (vswitchctl show lists them)");
+    let words: Vec<&str> = spec.stages.iter().flatten().map(String::as_str).collect();
+    let alone = |w: &str| {
+        if words.len() > 1 {
+            Err(format!(
+                "stage {w} is a capture point of its own: capture it alone (--stage {w})"
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if words.contains(&"underlay") {
+        alone("underlay")?;
+        let point = daemon.underlay_capture().ok_or(
+            "this host has no underlay (the config has no other [[host]] to reach over VXLAN)",
+        )?;
+        let inner_port = match &spec.port {
+            Some(p) => Some(daemon.port_mac_vni(p).ok_or_else(|| no_port(p))?),
+            None => None,
+        };
+        return Ok(CaptureTarget {
+            name: "underlay".into(),
+            point,
+            stages: all,
+            inner_port,
+        });
+    }
+    if words.contains(&"uplink") {
+        alone("uplink")?;
+        let name = daemon
+            .uplink_port()
+            .ok_or("this host has no uplink ([[uplink]] for this host in the config)")?;
+        if spec.port.as_ref().is_some_and(|p| *p != name) {
+            return Err(format!(
+                "--stage uplink captures the uplink port {name:?}; leave out --port"
+            ));
+        }
+        let point = daemon.capture_point(&name).ok_or_else(|| no_port(&name))?;
+        return Ok(CaptureTarget {
+            name,
+            point,
+            stages: all,
+            inner_port: None,
+        });
+    }
+    let Some(port) = &spec.port else {
+        return Err("name the port to capture (--port P), or --stage underlay|uplink".into());
+    };
+    let stages: Vec<Stage> = if words.is_empty() {
+        if spec.stages.is_some() {
+            return Err("stages is empty; use rx, tx and/or drop".into());
+        }
+        all
+    } else {
+        words
+            .iter()
+            .map(|s| {
+                Stage::parse(s).ok_or(format!(
+                    "unknown stage {s:?}; use rx, tx, drop, underlay or uplink"
+                ))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let point = daemon.capture_point(port).ok_or_else(|| no_port(port))?;
+    Ok(CaptureTarget {
+        name: port.clone(),
+        point,
+        stages,
+        inner_port: None,
+    })
 }
 
 /// Runs one capture session on the connection: the answer line, then
@@ -258,43 +388,42 @@ async fn stream_capture(
     mut r: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut w: tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    use crate::capture::{write_pcapng_header, write_pcapng_record, Session, Stage, MAX_SNAPLEN};
+    use crate::capture::{write_pcapng_header, write_pcapng_record, Session, MAX_SNAPLEN};
     let fail = |e: String| json!({"ok": false, "error": e});
-    let stages: Result<Vec<Stage>, String> = match &spec.stages {
-        None => Ok(vec![Stage::Rx, Stage::Tx, Stage::Drop]),
-        Some(v) if v.is_empty() => Err("stages is empty; use rx, tx and/or drop".into()),
-        Some(v) => v
-            .iter()
-            .map(|s| Stage::parse(s).ok_or(format!("unknown stage {s:?}; use rx, tx or drop")))
-            .collect(),
-    };
     let filter = match spec.filter.as_deref().map(crate::filter::Filter::parse) {
         None => Ok(None),
         Some(Ok(f)) => Ok(Some(f)),
         Some(Err(e)) => Err(format!("filter: {e}")),
     };
-    let point = daemon.capture_point(&spec.port).ok_or(format!(
-        "no port {:?} on this switch (vswitchctl show lists them)",
-        spec.port
-    ));
-    let (stages, filter, point) = match (stages, filter, point) {
-        (Ok(s), Ok(f), Ok(p)) => (s, f, p),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+    let target = capture_target(daemon, &spec);
+    let (target, filter) = match (target, filter) {
+        (Ok(t), Ok(f)) => (t, f),
+        (Err(e), _) | (_, Err(e)) => {
             w.write_all(format!("{}\n", fail(e)).as_bytes()).await?;
             return Ok(());
         }
     };
+    let CaptureTarget {
+        name,
+        point,
+        stages,
+        inner_port,
+    } = target;
     let snaplen = spec.snaplen.unwrap_or(MAX_SNAPLEN);
-    let session = Arc::new(Session::new(&stages, snaplen, spec.count, filter));
+    let session = Session::new(&stages, snaplen, spec.count, filter);
+    let session = Arc::new(match inner_port {
+        Some((mac, vni)) => session.for_port_on_underlay(mac, vni),
+        None => session,
+    });
     if let Err(e) = point.attach(session.clone()) {
         w.write_all(format!("{}\n", fail(e)).as_bytes()).await?;
         return Ok(());
     }
     let result = async {
-        let ok = json!({"ok": true, "data": {"format": "pcapng", "port": spec.port, "snaplen": session.snaplen()}});
+        let ok = json!({"ok": true, "data": {"format": "pcapng", "port": name, "snaplen": session.snaplen()}});
         w.write_all(format!("{ok}\n").as_bytes()).await?;
         let mut out = Vec::with_capacity(64 * 1024);
-        write_pcapng_header(&spec.port, session.snaplen(), &mut out);
+        write_pcapng_header(&name, session.snaplen(), &mut out);
         w.write_all(&out).await?;
         let mut scratch = [0u8; 512];
         loop {
@@ -328,7 +457,7 @@ async fn stream_capture(
     .await;
     session.close();
     point.detach(&session);
-    tracing::info!(port = %spec.port, captured = session.captured.load(std::sync::atomic::Ordering::Relaxed),
+    tracing::info!(port = %name, captured = session.captured.load(std::sync::atomic::Ordering::Relaxed),
         lost = session.lost.load(std::sync::atomic::Ordering::Relaxed), "capture ended");
     result
 }
@@ -371,7 +500,11 @@ pub fn request(socket: &Path, req: &Request) -> Result<Value, ClientError> {
             socket: socket.to_path_buf(),
             source: e,
         })?;
-    let t = Some(Duration::from_secs(30));
+    // A live trace waits up to its own timeout (at most 60 s) for packets.
+    let t = Some(Duration::from_secs(match req {
+        Request::Trace { live: Some(_), .. } => 75,
+        _ => 30,
+    }));
     s.set_read_timeout(t).map_err(ClientError::Io)?;
     s.set_write_timeout(t).map_err(ClientError::Io)?;
     let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;

@@ -28,4 +28,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod table;
 pub mod tap;
+pub mod trace;
 pub mod underlay;

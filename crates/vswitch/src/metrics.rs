@@ -182,6 +182,35 @@ pub fn render(
         "NAT counters by event (translated packets, new connections by kind, hairpin, ICMP errors, ports exhausted, ...).",
         &events,
     );
+    let pool = |key: &str| -> Vec<(String, u64)> {
+        nat["pools"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let proto = match &p["proto"] {
+                    Value::String(x) => esc(x),
+                    other => esc(&other.to_string()),
+                };
+                (
+                    format!("external=\"{}\",proto=\"{proto}\"", s(&p["external"])),
+                    num(&p[key]),
+                )
+            })
+            .collect()
+    };
+    o.family(
+        "vswitch_nat_pool_ports_used",
+        "gauge",
+        "Ports of a NAT pool (external address, protocol) held by mappings.",
+        &pool("used"),
+    );
+    o.family(
+        "vswitch_nat_pool_ports_free",
+        "gauge",
+        "Ports of a NAT pool still free.",
+        &pool("free"),
+    );
     o.family(
         "vswitch_uptime_seconds",
         "gauge",
@@ -437,7 +466,8 @@ mod tests {
                         "mac_table_size": 8192, "stats": {"learned": 1}}]});
         let leases = json!({"networks": [{"tenant": "acme", "network": "web",
                         "stats": {"ack": 2}, "leases": [{"state": "bound"}]}]});
-        let nat = json!({"connections": 3, "stats": {"hairpin": 2}});
+        let nat = json!({"connections": 3, "stats": {"hairpin": 2},
+                        "pools": [{"external": "203.0.113.2", "proto": "tcp", "used": 3, "free": 10}]});
         let sg = json!({"tenants": [{"tenant": "acme", "groups": [{"name": "web",
                         "rules": [{"number": 1, "direction": "ingress", "hits": 9}]}]}],
                         "ports": [{"port": "vm1", "tenant": "acme", "connections": 4}]});
@@ -446,6 +476,8 @@ mod tests {
                         "stats": {"new": 7}});
         let t = render(&show, &fdb, &leases, &nat, &sg, &lb);
         for want in [
+            "vswitch_nat_pool_ports_used{external=\"203.0.113.2\",proto=\"tcp\"} 3",
+            "vswitch_nat_pool_ports_free{external=\"203.0.113.2\",proto=\"tcp\"} 10",
             "# TYPE vswitch_port_rx_packets_total counter",
             "vswitch_port_rx_packets_total{port=\"vm1\",tenant=\"acme\",network=\"web\"} 3",
             "vswitch_port_drops_total{port=\"vm1\",tenant=\"acme\",network=\"web\",reason=\"ip_src_spoofed\"} 7",

@@ -124,6 +124,10 @@ pub struct Underlay {
     pub hash_seed: u64,
     /// UDP GSO on send (`[underlay] gso`).
     pub gso: bool,
+    /// Capture point of the underlay (`vswitchctl capture --stage
+    /// underlay`): datagrams sent (tx), received (rx) and dropped, each
+    /// shown with the IPv4/UDP headers the kernel adds or removed.
+    pub capture: std::sync::Arc<crate::capture::PortCapture>,
 }
 
 fn udp_socket(addr: SocketAddrV4, reuse_port: bool, ttl: u8) -> io::Result<Sock> {
@@ -198,6 +202,7 @@ impl Underlay {
             counters: UnderlayCounters::default(),
             hash_seed: u64::from(u32::from(local)).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             gso,
+            capture: Default::default(),
         })
     }
 
@@ -240,7 +245,48 @@ impl Underlay {
             segment_size,
             src_ip: None,
         };
-        s.state.try_send((&s.sock).into(), &t)
+        s.state.try_send((&s.sock).into(), &t)?;
+        if self.capture.active() {
+            let src = SocketAddrV4::new(self.local, s.port);
+            for d in contents.chunks(segment_size.unwrap_or(contents.len()).max(1)) {
+                self.capture_datagram(crate::capture::Stage::Tx, None, src, dst, d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Offers one VXLAN datagram to the underlay's captures, as the wire
+    /// carries it: Ethernet, IPv4 and UDP headers (rebuilt: the kernel
+    /// adds and strips them; the Ethernet addresses are zero) around it.
+    /// Filters match the encapsulated frame.
+    #[cold]
+    pub fn capture_datagram(
+        &self,
+        stage: crate::capture::Stage,
+        reason: Option<DropReason>,
+        src: SocketAddrV4,
+        dst: SocketAddrV4,
+        dgram: &[u8],
+    ) {
+        let mut h = [0u8; 42];
+        h[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip_len = u16::try_from(20 + 8 + dgram.len()).unwrap_or(u16::MAX);
+        let ip = &mut h[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+        ip[6] = 0x40; // DF
+        ip[8] = self.ttl;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&src.ip().octets());
+        ip[16..20].copy_from_slice(&dst.ip().octets());
+        let sum = packet::checksum::checksum(ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let udp = &mut h[34..42];
+        udp[0..2].copy_from_slice(&src.port().to_be_bytes());
+        udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        udp[4..6].copy_from_slice(&ip_len.saturating_sub(20).to_be_bytes());
+        let inner = dgram.get(vxlan::VXLAN_HLEN..).unwrap_or_default();
+        self.capture.offer_parts(stage, reason, &h, dgram, inner);
     }
 
     /// Receives a batch on worker `idx`'s socket into `slots` (one
@@ -255,6 +301,23 @@ impl Underlay {
         let Some(s) = self.rx.get(idx) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        s.state.recv((&s.sock).into(), slots, meta)
+        let n = s.state.recv((&s.sock).into(), slots, meta)?;
+        if self.capture.active() {
+            let dst = SocketAddrV4::new(self.local, self.port);
+            for (slot, m) in slots.iter().zip(meta.iter()).take(n) {
+                let src = match m.addr {
+                    SocketAddr::V4(a) => a,
+                    SocketAddr::V6(a) => SocketAddrV4::new(
+                        a.ip().to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                        a.port(),
+                    ),
+                };
+                let data = slot.get(..m.len).unwrap_or_default();
+                for d in data.chunks(m.stride.max(1)) {
+                    self.capture_datagram(crate::capture::Stage::Rx, None, src, dst, d);
+                }
+            }
+        }
+        Ok(n)
     }
 }

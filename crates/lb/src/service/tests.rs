@@ -277,3 +277,54 @@ fn corrupt_headers_are_not_balanced_or_rewritten() {
     assert_eq!(s.reply(ZONE, &key, &mut r, false, NOW), Reply::NotOurs);
     assert_eq!(r, before);
 }
+
+#[test]
+fn preview_rewrites_like_forward_and_commits_nothing() {
+    let mut s = services();
+    let client = sa([10, 0, 1, 50], 40001);
+    let pick = |_: u32, _: u64| Some((BackendId(12), sa([10, 0, 1, 12], 8000)));
+    // A new connection: the same backend and rewrite, no entry.
+    let mut f = tcp(client, sa(VIP, 80), true, 1, None);
+    let key = FlowKey::parse(&f).unwrap();
+    let p = s.preview_forward(ZONE, &key, &mut f, false, NOW, pick);
+    assert_eq!(
+        p,
+        Forward::To {
+            dst: Ipv4Addr::new(10, 0, 1, 12),
+            lb: 0,
+            new: true
+        }
+    );
+    assert_eq!(seen(&f), (client, sa([10, 0, 1, 12], 8000)));
+    assert!(s.conntrack().is_empty());
+    assert_eq!(s.stats().forwarded, 0);
+    // Once forwarded for real, the preview follows the entry, whatever
+    // the pool would pick now.
+    let mut f = tcp(client, sa(VIP, 80), true, 1, None);
+    assert!(matches!(
+        fwd(&mut s, &mut f, Some([10, 0, 1, 13]), 8000),
+        Forward::To { new: true, .. }
+    ));
+    let mut g = tcp(client, sa(VIP, 80), false, 2, Some(1));
+    let key = FlowKey::parse(&g).unwrap();
+    let p = s.preview_forward(ZONE, &key, &mut g, false, NOW, pick);
+    assert!(matches!(p, Forward::To { new: false, .. }));
+    assert_eq!(seen(&g).1, sa([10, 0, 1, 13], 8000));
+    // The backend's reply previews back from the VIP, untracked.
+    let mut r = tcp(sa([10, 0, 1, 13], 8000), client, true, 9, Some(2));
+    let key = FlowKey::parse(&r).unwrap();
+    let before = s.stats().replied;
+    assert!(matches!(
+        s.preview_reply(ZONE, &key, &mut r, false, NOW),
+        Reply::To { .. }
+    ));
+    assert_eq!(seen(&r), (sa(VIP, 80), client));
+    assert_eq!(s.stats().replied, before);
+    // No backend: rejected, as forward would.
+    let mut f = tcp(sa([10, 0, 1, 51], 1), sa(VIP, 80), true, 1, None);
+    let key = FlowKey::parse(&f).unwrap();
+    assert_eq!(
+        s.preview_forward(ZONE, &key, &mut f, false, NOW, |_, _| None),
+        Forward::Reject(0)
+    );
+}

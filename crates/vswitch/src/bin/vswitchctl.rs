@@ -73,13 +73,37 @@ enum Cmd {
     /// Load balancers: each VIP's backends with health, weight, Maglev
     /// slots and live connections (set a weight to 0 and reload to drain).
     Lb,
-    /// Capture a port's frames as pcapng (tcpdump, tshark, Wireshark read it).
-    Capture {
-        /// Port name.
+    /// Explain a packet's path in tenant terms: walk a synthetic packet from
+    /// a port through the real pipeline (nothing is sent or committed), or
+    /// with --live trace the next real packets arriving at the port.
+    Trace {
+        /// Port the packet enters at (a VM's port or the uplink).
         #[arg(long)]
         port: String,
+        /// The packet: 'tcp 10.0.1.10:40000 > 10.0.2.20:80 [syn|synack|ack|fin|rst]',
+        /// 'udp A:P > B:Q', 'icmp A > B [reply]', 'arp A > B'.
+        flow: Option<String>,
+        /// Trace the next N real packets from the port instead (at most 100).
+        #[arg(long, value_name = "N")]
+        live: Option<u64>,
+        /// With --live: only packets matching this filter (capture syntax).
+        #[arg(long)]
+        filter: Option<String>,
+        /// With --live: give up after this many seconds (default 10, max 60).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Capture a port's frames as pcapng (tcpdump, tshark, Wireshark read it).
+    Capture {
+        /// Port name (for --stage underlay: only that port's frames;
+        /// --stage uplink needs none).
+        #[arg(long)]
+        port: Option<String>,
         /// Stages: rx (from the VM), tx (to the VM), drop (with the reason
-        /// as a packet comment); comma-separated, default all.
+        /// as a packet comment); comma-separated, default all. Or, alone:
+        /// underlay (the VXLAN datagrams to and from peers, outer headers
+        /// included; filters match the inner frame) or uplink (the uplink
+        /// port's rx, tx and drops).
         #[arg(long, value_delimiter = ',')]
         stage: Option<Vec<String>>,
         /// Filter, a subset of tcpdump's syntax (docs/cli.md).
@@ -192,6 +216,19 @@ fn main() -> ExitCode {
         Cmd::Sg { port } => Request::Sg { port: port.clone() },
         Cmd::Nat => Request::Nat {},
         Cmd::Lb => Request::Lb {},
+        Cmd::Trace {
+            port,
+            flow,
+            live,
+            filter,
+            timeout,
+        } => Request::Trace {
+            port: port.clone(),
+            flow: flow.clone(),
+            live: *live,
+            filter: filter.clone(),
+            timeout: *timeout,
+        },
         Cmd::Capture { .. } => return ExitCode::from(2),
     };
     match control::request(&args.socket, &req) {
@@ -240,6 +277,7 @@ fn render(cmd: &Cmd, d: &Value) -> String {
         Cmd::Stats => render_stats(d),
         Cmd::Nat => render_nat(d),
         Cmd::Lb => render_lb(d),
+        Cmd::Trace { .. } => render_trace(d),
         Cmd::Capture { .. } => String::new(),
         Cmd::Restart => {
             "vswitchd is stopping for a restart: connections saved, taps kept; start it again\n"
@@ -765,10 +803,81 @@ fn render_stats(d: &Value) -> String {
         out.push('\n');
         out.push_str(&t.render());
     }
+    if let Some(bs) = d["lb_backends"].as_array().filter(|a| !a.is_empty()) {
+        let mut t = Table::new(&[
+            "LOAD BALANCER",
+            "VIP",
+            "BACKEND",
+            "HEALTH",
+            "CONNS",
+            "PROBES",
+            "FAILED",
+        ]);
+        for b in bs {
+            t.row(vec![
+                format!("{}/{}", s(&b["tenant"]), s(&b["load_balancer"])),
+                s(&b["vip"]),
+                format!("{} ({})", s(&b["backend"]), s(&b["endpoint"])),
+                s(&b["health"]),
+                s(&b["connections"]),
+                s(&b["probes"]),
+                s(&b["probe_failures"]),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
     out.push_str(&format!(
         "\nconnections: {} NAT, {} security groups\n",
         s(&d["connections"]["nat"]),
         s(&d["connections"]["sg"])
     ));
+    out
+}
+
+/// One traced packet: its decisions, numbered, then its fate.
+fn render_traced(out: &mut String, t: &Value) {
+    let steps = t["steps"].as_array().cloned().unwrap_or_default();
+    for (i, st) in steps.iter().enumerate() {
+        out.push_str(&format!(
+            "  {:>2}. {:<13} {}\n",
+            i + 1,
+            s(&st["stage"]),
+            s(&st["text"])
+        ));
+    }
+    out.push_str(&format!("  => {}\n", s(&t["verdict"])));
+}
+
+fn render_trace(d: &Value) -> String {
+    let mut out = String::new();
+    if d["mode"] == "live" {
+        let packets = d["packets"].as_array().cloned().unwrap_or_default();
+        for (i, p) in packets.iter().enumerate() {
+            out.push_str(&format!(
+                "packet {} at port {}: {}\n",
+                i + 1,
+                s(&d["port"]),
+                s(&p["packet"])
+            ));
+            render_traced(&mut out, p);
+        }
+        if d["timed_out"] == true {
+            out.push_str(&format!(
+                "({} of {} packets seen before the timeout)\n",
+                packets.len(),
+                s(&d["wanted"])
+            ));
+        }
+        return out;
+    }
+    out.push_str(&format!(
+        "trace of {} from port {} ({} -> {}); dry run: nothing sent, committed or counted\n",
+        s(&d["packet"]),
+        s(&d["port"]),
+        s(&d["src_mac"]),
+        s(&d["dst_mac"])
+    ));
+    render_traced(&mut out, d);
     out
 }

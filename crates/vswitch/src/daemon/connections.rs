@@ -372,7 +372,8 @@ impl Daemon {
 impl Daemon {
     /// `stats` data: every counter in one answer, per port (packets, bytes,
     /// drops by reason), per VXLAN peer, per security-group rule, per NAT
-    /// pool, and the connection tables (see docs/cli.md).
+    /// pool, per load-balancer backend, and the connection tables (see
+    /// docs/cli.md).
     pub fn stats(&self) -> Value {
         let show = self.show();
         let keep = |v: &Value, keys: &[&str]| -> Value {
@@ -439,8 +440,24 @@ impl Daemon {
             })
             .collect();
         let nat = self.nat();
+        let lb = self.lb();
+        let backends: Vec<Value> =
+            lb["load_balancers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|l| {
+                    l["backends"].as_array().into_iter().flatten().map(move |b| {
+                    json!({"tenant": l["tenant"], "load_balancer": l["name"], "vip": l["vip"],
+                    "backend": b["name"], "endpoint": b["endpoint"], "health": b["health"],
+                    "connections": b["connections"], "probes": b["probes"],
+                    "probe_failures": b["probe_failures"]})
+                })
+                })
+                .collect();
         json!({
-            "ports": ports, "peers": peers, "sg_rules": rules,
+            "ports": ports, "peers": peers, "sg_rules": rules, "lb_backends": backends,
+            "lb": lb["stats"],
             "nat_pools": nat["pools"], "nat": nat["stats"],
             "connections": {"nat": nat["connections"], "sg": sg["connections"]},
             "underlay": keep(&show["underlay"], &["rx_not_peer", "rx_errors"]),

@@ -10,6 +10,7 @@
 //! the running one in place.
 
 mod connections;
+mod trace;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -771,6 +772,30 @@ impl Daemon {
     /// The capture point of port `name`, if it is a port of this host.
     pub fn capture_point(&self, name: &str) -> Option<Arc<crate::capture::PortCapture>> {
         self.state.lock().ports.get(name).map(|p| p.capture.clone())
+    }
+
+    /// The underlay's capture point, when this host has an underlay.
+    pub fn underlay_capture(&self) -> Option<Arc<crate::capture::PortCapture>> {
+        self.shared
+            .load()
+            .underlay
+            .as_ref()
+            .map(|u| u.capture.clone())
+    }
+
+    /// The name of this host's uplink port, if it has one.
+    pub fn uplink_port(&self) -> Option<String> {
+        let snap = self.shared.load();
+        let up = snap.uplink.as_ref()?;
+        snap.port(up.port).map(|p| p.name.clone())
+    }
+
+    /// The MAC of VM port `name` of this host and its network's VNI.
+    pub fn port_mac_vni(&self, name: &str) -> Option<(MacAddr, u32)> {
+        let snap = self.shared.load();
+        let p = snap.iter_ports().find(|p| p.name == name)?;
+        let net = snap.networks.get(p.net)?;
+        Some((p.mac, net.vni.get()))
     }
 
     /// `leases` data (see docs/cli.md).

@@ -21,6 +21,7 @@ use crate::clock::Timestamp;
 use crate::config::NetKey;
 use crate::pipeline::router;
 use crate::pipeline::{arp, DropReason, Ingress, Verdict};
+use crate::trace;
 use crate::underlay::is_vtep;
 
 /// What the data path checks without taking the balancer's lock: is this
@@ -78,13 +79,21 @@ impl Snapshot {
         }
         if self.lb_gate.may_be_reply(zone, src, dst, p, sport) {
             let partial = buf.offload.csum.is_some();
-            let out = self
-                .lb
-                .lock()
-                .reply(zone, key, buf.frame_mut(), partial, now.0);
+            let out = if trace::dry_run() {
+                self.lb
+                    .lock()
+                    .preview_reply(zone, key, buf.frame_mut(), partial, now.0)
+            } else {
+                self.lb
+                    .lock()
+                    .reply(zone, key, buf.frame_mut(), partial, now.0)
+            };
             match out {
                 lb::Reply::NotOurs => return None,
                 lb::Reply::To { dst, external } => {
+                    trace::note("lb", || {
+                        format!("load balancer: reply of a balanced connection, source rewritten to the VIP, to client {dst}")
+                    });
                     if external {
                         return Some(self.out_uplink(ingress, dst, key, buf, now));
                     }
@@ -115,17 +124,7 @@ impl Snapshot {
             // The router answers with time exceeded.
             return self.route(ingress, net, key, buf, now);
         }
-        let partial = buf.offload.csum.is_some();
-        let out = self.lb.lock().forward(
-            net.ct_zone,
-            ingress.id,
-            false,
-            key,
-            buf.frame_mut(),
-            partial,
-            now.0,
-            |lb_id, hash| self.balancers.pick(lb_id, hash),
-        );
+        let out = self.lb_balance(net.ct_zone, ingress, false, key, buf, now);
         match out {
             lb::Forward::To { dst, .. } => {
                 self.deliver_to_tenant(ingress, net.ct_zone, dst, key, buf, now)
@@ -161,17 +160,7 @@ impl Snapshot {
             .vips
             .iter()
             .find(|(_, ip, pr, port)| *ip == dst && *pr == p && *port == dport)?;
-        let partial = buf.offload.csum.is_some();
-        let out = self.lb.lock().forward(
-            zone,
-            ingress.id,
-            true,
-            key,
-            buf.frame_mut(),
-            partial,
-            now.0,
-            |lb_id, hash| self.balancers.pick(lb_id, hash),
-        );
+        let out = self.lb_balance(zone, ingress, true, key, buf, now);
         Some(match out {
             lb::Forward::To { dst, .. } => {
                 self.deliver_to_tenant(ingress, zone, dst, key, buf, now)
@@ -183,8 +172,75 @@ impl Snapshot {
         })
     }
 
+    /// Balances a packet to a VIP in `zone` (under a dry-run trace: the
+    /// preview, nothing committed) and says so when traced.
+    fn lb_balance(
+        &self,
+        zone: u32,
+        ingress: &PortRt,
+        from_uplink: bool,
+        key: &FlowKey,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> lb::Forward {
+        let partial = buf.offload.csum.is_some();
+        let pick = |lb_id, hash| self.balancers.pick(lb_id, hash);
+        let out = if trace::dry_run() {
+            self.lb
+                .lock()
+                .preview_forward(zone, key, buf.frame_mut(), partial, now.0, pick)
+        } else {
+            self.lb.lock().forward(
+                zone,
+                ingress.id,
+                from_uplink,
+                key,
+                buf.frame_mut(),
+                partial,
+                now.0,
+                pick,
+            )
+        };
+        trace::note("lb", || {
+            let vip = tuple4(key).map_or("-".into(), |(_, d, _, _, dp)| format!("{d}:{dp}"));
+            match out {
+                lb::Forward::To { dst, lb, new } => {
+                    let to = FlowKey::parse(buf.frame())
+                        .ok()
+                        .and_then(|k| tuple4(&k))
+                        .map_or(dst.to_string(), |(_, d, _, _, dp)| format!("{d}:{dp}"));
+                    format!(
+                        "load balancer {}: VIP {vip}, {} -> backend {to}",
+                        self.balancers.name(lb).unwrap_or_else(|| format!("#{lb}")),
+                        if new {
+                            "new connection, Maglev picks"
+                        } else {
+                            "tracked connection"
+                        }
+                    )
+                }
+                lb::Forward::NotVip => format!("load balancer: {vip} is not a live VIP"),
+                lb::Forward::Reject(lb) => format!(
+                    "load balancer {}: VIP {vip} has no healthy backend: rejected",
+                    self.balancers.name(lb).unwrap_or_else(|| format!("#{lb}"))
+                ),
+                lb::Forward::Drop(d) => format!("load balancer: {}", lb_drop_reason(d).as_str()),
+            }
+        });
+        out
+    }
+
     /// Hands a frame for this host's prober in `net` to the health thread.
     pub(super) fn to_prober(&self, net: &NetworkRt, frame: &[u8]) -> Verdict {
+        trace::note("lb", || {
+            format!(
+                "to this host's health-check prober in network {}",
+                net.cfg.name
+            )
+        });
+        if trace::dry_run() {
+            return Verdict::Consumed;
+        }
         if self.balancers.deliver(&net.cfg.key(), frame) {
             Verdict::Consumed
         } else {

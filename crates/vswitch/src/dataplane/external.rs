@@ -11,6 +11,7 @@ use crate::clock::Timestamp;
 use crate::pipeline::external::{classify_arp, nat_drop_reason, neighbour, UplinkArp};
 use crate::pipeline::router::{self, Router};
 use crate::pipeline::{arp, DropReason, Verdict};
+use crate::trace;
 
 impl Snapshot {
     /// Whether `ip` is one of this host's external addresses.
@@ -30,6 +31,12 @@ impl Snapshot {
         let Some(up) = &self.uplink else {
             return Verdict::Drop(DropReason::UplinkNotForUs);
         };
+        trace::note("port", || {
+            format!(
+                "from uplink port {} (external network {})",
+                ingress.name, up.addr
+            )
+        });
         let Ok(key) = FlowKey::parse(buf.frame()) else {
             return Verdict::Drop(DropReason::RuntFrame);
         };
@@ -44,7 +51,10 @@ impl Snapshot {
                     }
                 }
                 UplinkArp::Learn(ip, mac) => {
-                    up.neighbours.learn(ip, mac, now);
+                    trace::note("uplink", || format!("ARP: learns {ip} is at {mac}"));
+                    if !trace::dry_run() {
+                        up.neighbours.learn(ip, mac, now);
+                    }
                     Verdict::Consumed
                 }
                 UplinkArp::Ignore => Verdict::Drop(DropReason::UplinkNotForUs),
@@ -77,15 +87,7 @@ impl Snapshot {
                 return v;
             }
         }
-        let partial = buf.offload.csum.is_some();
-        let out = self.nat.lock().translate(
-            nat::EXTERNAL_ZONE,
-            ingress.id,
-            &key,
-            buf.frame_mut(),
-            partial,
-            now.0,
-        );
+        let out = self.nat_translate(nat::EXTERNAL_ZONE, ingress, &key, buf, now);
         match out {
             nat::Outcome::Forward { zone, dst, .. } if zone != nat::EXTERNAL_ZONE => {
                 self.deliver_to_tenant(ingress, zone, dst, &key, buf, now)
@@ -109,15 +111,7 @@ impl Snapshot {
         buf: &mut PacketBuf,
         now: Timestamp,
     ) -> Verdict {
-        let partial = buf.offload.csum.is_some();
-        let out = self.nat.lock().translate(
-            net.ct_zone,
-            ingress.id,
-            key,
-            buf.frame_mut(),
-            partial,
-            now.0,
-        );
+        let out = self.nat_translate(net.ct_zone, ingress, key, buf, now);
         match out {
             nat::Outcome::NoMatch => {
                 let r = router::unreachable(router, ingress.net, key, buf);
@@ -131,6 +125,115 @@ impl Snapshot {
                 self.deliver_to_tenant(ingress, zone, dst, key, buf, now)
             }
         }
+    }
+
+    /// NAT of a packet that arrived in zone `from` (a tenant's, or
+    /// [`nat::EXTERNAL_ZONE`]). Under a dry-run trace: the preview, applied
+    /// to the synthetic frame, nothing committed.
+    fn nat_translate(
+        &self,
+        from: u32,
+        ingress: &PortRt,
+        key: &FlowKey,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> nat::Outcome {
+        let partial = buf.offload.csum.is_some();
+        if trace::active() {
+            return self.nat_traced(from, ingress, key, buf, now);
+        }
+        self.nat
+            .lock()
+            .translate(from, ingress.id, key, buf.frame_mut(), partial, now.0)
+    }
+
+    #[cold]
+    fn nat_traced(
+        &self,
+        from: u32,
+        ingress: &PortRt,
+        key: &FlowKey,
+        buf: &mut PacketBuf,
+        now: Timestamp,
+    ) -> nat::Outcome {
+        let partial = buf.offload.csum.is_some();
+        let preview = self.nat.lock().preview(from, key, now.0);
+        let (kind, zone, src, dst, new) = match preview {
+            nat::Preview::NoMatch => {
+                trace::note("nat", || "NAT: no rule or connection takes it".into());
+                if trace::dry_run() {
+                    return nat::Outcome::NoMatch;
+                }
+                return self.nat.lock().translate(
+                    from,
+                    ingress.id,
+                    key,
+                    buf.frame_mut(),
+                    partial,
+                    now.0,
+                );
+            }
+            nat::Preview::Established {
+                kind,
+                zone,
+                src,
+                dst,
+            } => (kind, zone, src, dst, false),
+            nat::Preview::New {
+                kind,
+                zone,
+                src,
+                dst,
+            } => (kind, zone, src, dst, true),
+        };
+        let to = if zone == nat::EXTERNAL_ZONE {
+            "out of the uplink".to_string()
+        } else {
+            format!("into tenant {}", self.zone_tenant(zone))
+        };
+        trace::note("nat", || {
+            format!(
+                "NAT ({}): {}, leaves as {src} -> {dst} {to}{}",
+                kind_name(kind),
+                if new {
+                    "new connection"
+                } else {
+                    "tracked connection"
+                },
+                if new && kind == nat::MappingKind::Snat {
+                    " (source port kept if free in the pool)"
+                } else {
+                    ""
+                }
+            )
+        });
+        if !trace::dry_run() {
+            return self.nat.lock().translate(
+                from,
+                ingress.id,
+                key,
+                buf.frame_mut(),
+                partial,
+                now.0,
+            );
+        }
+        if nat::rewrite_tuple(key, buf.frame_mut(), src, dst, partial) {
+            nat::Outcome::Forward {
+                zone,
+                dst: *dst.ip(),
+                hairpin: false,
+            }
+        } else {
+            nat::Outcome::Drop(nat::NatDrop::Malformed)
+        }
+    }
+
+    /// The tenant whose conntrack zone is `zone`.
+    pub(super) fn zone_tenant(&self, zone: u32) -> String {
+        self.networks
+            .iter()
+            .find(|n| n.ct_zone == zone)
+            .map_or_else(|| format!("zone {zone}"), |n| n.cfg.tenant.clone())
     }
 
     /// Routes a translated packet into tenant `zone` toward `dst`.
@@ -175,10 +278,16 @@ impl Snapshot {
             return Verdict::Drop(DropReason::NoRoute);
         };
         let Some(mac) = neighbour(up, hop, now) else {
+            trace::note("uplink", || {
+                format!("next hop {hop} not resolved: ARP request out of the uplink, this packet is dropped (route_arp_pending)")
+            });
             router::arp_request(buf, up.mac, up.addr.addr(), hop);
             ingress.counters.count_drop(DropReason::RouteArpPending);
             return Verdict::Forward(up.port);
         };
+        trace::note("uplink", || {
+            format!("out of the uplink toward {dst} via next hop {hop} ({mac})")
+        });
         if router::rewrite(buf, usize::from(key.l3_offset), up.mac, mac) {
             Verdict::Forward(up.port)
         } else {
@@ -205,4 +314,14 @@ fn check_ipv4(key: &FlowKey, buf: &PacketBuf) -> Result<(), DropReason> {
         return Err(DropReason::L3Malformed);
     }
     Ok(())
+}
+
+/// How a trace names a NAT rule kind.
+fn kind_name(k: nat::MappingKind) -> &'static str {
+    match k {
+        nat::MappingKind::Snat => "SNAT",
+        nat::MappingKind::FloatingOut => "floating IP, outbound",
+        nat::MappingKind::FloatingIn => "floating IP, inbound",
+        nat::MappingKind::Forward => "port forward",
+    }
 }

@@ -37,6 +37,7 @@ use crate::pipeline::{
     arp, dns_local, port_security, Addresses, Bridge, DropCounters, DropReason, Ingress, Verdict,
 };
 use crate::tap::Tap;
+use crate::trace;
 use crate::underlay::{is_vtep, PeerRt, Underlay, VTEP_BASE};
 
 mod balance;
@@ -148,7 +149,13 @@ impl PortRt {
     /// Counts a frame dropped at this port and offers it to captures.
     #[inline]
     pub fn drop_frame(&self, r: DropReason, frame: &[u8]) {
+        trace::note("drop", || {
+            format!("dropped at port {}: {}", self.name, r.as_str())
+        });
         self.counters.count_drop(r);
+        if trace::dry_run() {
+            return;
+        }
         self.capture.offer(Stage::Drop, Some(r), frame);
     }
 
@@ -274,6 +281,15 @@ impl Snapshot {
         let Some(net) = self.networks.get(ingress.net) else {
             return Verdict::Drop(DropReason::EgressError);
         };
+        trace::note("port", || {
+            format!(
+                "from port {} (tenant {}) into network {} (VNI {})",
+                ingress.name,
+                ingress.tenant,
+                net.cfg.name,
+                net.vni.get()
+            )
+        });
         let Ok(key) = FlowKey::parse(buf.frame()) else {
             return Verdict::Drop(DropReason::RuntFrame);
         };
@@ -283,8 +299,29 @@ impl Snapshot {
         {
             return Verdict::Drop(r);
         }
+        trace::note("port_security", || {
+            if ingress.port_security {
+                format!(
+                    "port security: source {} / {} belongs to {}",
+                    key.src_mac,
+                    key.ip().map_or("-".into(), |ip| ip.src.to_string()),
+                    ingress.name
+                )
+            } else {
+                "port security: off for this port".into()
+            }
+        });
         if let (Some(q), L3::Ipv4(_), L4::Udp { dst_port: 67, .. }) = (&net.dhcp, &key.l3, &key.l4)
         {
+            trace::note("dhcp", || {
+                format!(
+                    "DHCP: to this host's DHCP server for network {}",
+                    net.cfg.name
+                )
+            });
+            if trace::dry_run() {
+                return Verdict::Consumed;
+            }
             return match key
                 .udp_payload(buf.frame())
                 .filter(|p| !p.is_empty() && p.len() <= MAX_MESSAGE)
@@ -309,6 +346,12 @@ impl Snapshot {
         }
         if let Some(leg) = net.router.as_ref().and_then(|r| r.leg_of(ingress.net)) {
             if let Some((ip, mac)) = router::arp_reply_for_gateway(&key, leg) {
+                trace::note("router", || {
+                    format!("ARP reply to the gateway: router learns {ip} is at {mac}")
+                });
+                if trace::dry_run() {
+                    return Verdict::Consumed;
+                }
                 net.neighbours.learn(ip, mac, now);
                 // The request may have come from another host's router.
                 return if net.accept_from.is_empty() {
@@ -320,12 +363,27 @@ impl Snapshot {
         }
         if arp::respond(&ing, &key, &net.addrs, buf.frame_mut()) {
             buf.offload = Offload::NONE;
+            trace::note("arp", || match key.l3 {
+                L3::Arp(a) => format!(
+                    "ARP: who-has {} answered by the switch from network {}'s address table",
+                    a.tpa, net.cfg.name
+                ),
+                _ => "ARP: answered by the switch".into(),
+            });
             return Verdict::Reply;
         }
         if let Some((gw, gw_mac)) = net.gateway {
             match dns_local::serve(&net.zone, gw, gw_mac, &key, buf) {
                 dns_local::Outcome::NotMine => {}
-                dns_local::Outcome::Answered => return Verdict::Reply,
+                dns_local::Outcome::Answered => {
+                    trace::note("dns", || {
+                        format!(
+                            "DNS: query to the gateway {gw} answered from tenant {}'s names",
+                            ingress.tenant
+                        )
+                    });
+                    return Verdict::Reply;
+                }
                 dns_local::Outcome::Dropped(r) => return Verdict::Drop(r),
             }
         }
@@ -357,7 +415,30 @@ impl Snapshot {
                 return self.route(ingress, net, &key, buf, now);
             }
         }
-        net.bridge.decide(&ing, buf.frame(), now)
+        let v = net.bridge.decide(&ing, buf.frame(), now);
+        trace::note("bridge", || self.describe_bridged(net, &key, v));
+        v
+    }
+
+    /// What the bridge decided, in tenant terms.
+    fn describe_bridged(&self, net: &NetworkRt, key: &FlowKey, v: Verdict) -> String {
+        let where_ = |id: PortId| self.location_name(id).unwrap_or_else(|| format!("#{id}"));
+        match v {
+            Verdict::Forward(id) => format!(
+                "bridge {}: {} is at {}",
+                net.cfg.name,
+                key.dst_mac,
+                where_(id)
+            ),
+            Verdict::Flood if key.dst_mac.is_multicast() => {
+                format!(
+                    "bridge {}: {} is broadcast/multicast: flood",
+                    net.cfg.name, key.dst_mac
+                )
+            }
+            Verdict::Flood => format!("bridge {}: {} is unknown: flood", net.cfg.name, key.dst_mac),
+            other => format!("bridge {}: {other:?}", net.cfg.name),
+        }
     }
 }
 
@@ -384,6 +465,25 @@ impl Snapshot {
             |i| self.networks.get(i).map(|n| &n.addrs),
             |i| self.networks.get(i).map(|n| &*n.neighbours),
         );
+        trace::note("router", || {
+            let dst = key.ip().map_or("-".into(), |ip| ip.dst.to_string());
+            match routed {
+                Routed::Outside => format!(
+                    "router of tenant {}: {dst} is outside the tenant's networks",
+                    ingress.tenant
+                ),
+                Routed::Forward { net: to, .. } | Routed::Resolve { net: to } => format!(
+                    "router of tenant {}: {} -> {} toward {dst}",
+                    ingress.tenant,
+                    net.cfg.name,
+                    self.networks.get(to).map_or("?", |n| n.cfg.name.as_str())
+                ),
+                Routed::Reply => {
+                    "router: answered by the gateway (echo reply or ICMP error)".into()
+                }
+                Routed::Drop(r) => format!("router: {}", r.as_str()),
+            }
+        });
         if routed == Routed::Outside {
             return self.to_outside(ingress, net, r, key, buf, now);
         }
@@ -397,6 +497,9 @@ impl Snapshot {
             Routed::Outside => Verdict::Drop(DropReason::NoRoute),
             Routed::Drop(r) => Verdict::Drop(r),
             Routed::Resolve { net } => {
+                trace::note("router", || {
+                    "next hop not resolved: the router floods an ARP request, this packet is dropped (route_arp_pending)".into()
+                });
                 ingress.counters.count_drop(DropReason::RouteArpPending);
                 Verdict::FloodIn { net }
             }
@@ -404,10 +507,22 @@ impl Snapshot {
                 let Some(out) = self.networks.get(net) else {
                     return Verdict::Drop(DropReason::NoRoute);
                 };
-                match out.bridge.fdb().read().lookup(&dst) {
+                let v = match out.bridge.fdb().read().lookup(&dst) {
                     Some(port) => Verdict::ForwardIn { net, port },
                     None => Verdict::FloodIn { net },
-                }
+                };
+                trace::note("router", || match v {
+                    Verdict::ForwardIn { port, .. } => format!(
+                        "network {}: the next hop's MAC {dst} is at {}",
+                        out.cfg.name,
+                        self.location_name(port).unwrap_or_default()
+                    ),
+                    _ => format!(
+                        "network {}: next hop {dst} unknown to the bridge: flood",
+                        out.cfg.name
+                    ),
+                });
+                v
             }
         }
     }
@@ -588,6 +703,12 @@ fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, sc: &mut Scratch, now
                     .rx_bytes
                     .fetch_add(sc.buf.len() as u64, Ordering::Relaxed);
                 port.capture.offer(Stage::Rx, None, sc.buf.frame());
+                if port.capture.tracing() {
+                    if let Some(t) = port.capture.claim_trace(sc.buf.frame()) {
+                        trace_live(snap, port, sc, now, &t);
+                        continue;
+                    }
+                }
                 let verdict = snap.process(port, &mut sc.buf, now);
                 deliver(snap, port, sc, verdict);
             }
@@ -609,6 +730,44 @@ fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, sc: &mut Scratch, now
             }
         }
     }
+}
+
+/// Runs the frame in `sc.buf` from `ingress` as usual, recording its
+/// decisions for live trace `t`.
+#[cold]
+fn trace_live(
+    snap: &Snapshot,
+    ingress: &PortRt,
+    sc: &mut Scratch,
+    now: Timestamp,
+    t: &trace::LiveSession,
+) {
+    let packet = trace::describe_frame(sc.buf.frame());
+    let ((), steps) = trace::run(false, || {
+        let verdict = snap.process(ingress, &mut sc.buf, now);
+        deliver(snap, ingress, sc, verdict);
+    });
+    t.push(trace::Traced { packet, steps });
+}
+
+/// Walks `frame` from `ingress` through the pipeline and delivery as a
+/// dry run (see [`crate::trace`]): the decisions, nothing written or
+/// committed.
+pub fn trace_synthetic(
+    snap: &Snapshot,
+    ingress: &PortRt,
+    frame: &[u8],
+    now: Timestamp,
+) -> trace::Traced {
+    let mut sc = Scratch::new();
+    sc.buf = PacketBuf::from_frame(frame);
+    sc.buf.offload = Offload::NONE;
+    let packet = trace::describe_frame(frame);
+    let ((), steps) = trace::run(true, || {
+        let verdict = snap.process(ingress, &mut sc.buf, now);
+        deliver(snap, ingress, &mut sc, verdict);
+    });
+    trace::Traced { packet, steps }
 }
 
 /// Carries out `verdict` for a frame from local port `ingress`.
@@ -668,7 +827,7 @@ fn deliver(snap: &Snapshot, ingress: &PortRt, sc: &mut Scratch, verdict: Verdict
             }
         }
         Verdict::Reply => transmit_local(ingress, &sc.buf),
-        Verdict::Consumed => {}
+        Verdict::Consumed => trace::note("deliver", || "consumed by the switch".into()),
         Verdict::Drop(r) => ingress.drop_frame(r, sc.buf.frame()),
     }
 }
@@ -714,6 +873,28 @@ pub(crate) fn transmit_local(egress: &PortRt, buf: &PacketBuf) {
 /// Writes to the tap, counting success or the drop on the egress port.
 #[inline]
 fn write_port(egress: &PortRt, offload: &Offload, frame: &[u8]) {
+    if trace::active() {
+        trace::note("output", || {
+            format!(
+                "output to port {} ({} bytes{}){}",
+                egress.name,
+                frame.len(),
+                if offload.gso == packet::GsoType::None {
+                    ""
+                } else {
+                    ", offloaded super-frame"
+                },
+                if trace::dry_run() {
+                    "; trace only, not written"
+                } else {
+                    ""
+                }
+            )
+        });
+        if trace::dry_run() {
+            return;
+        }
+    }
     if egress.tap.detached.load(Ordering::Relaxed) {
         egress.drop_frame(DropReason::EgressDetached, frame);
         return;

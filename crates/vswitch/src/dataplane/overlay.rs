@@ -242,6 +242,27 @@ fn send(
     buf: &mut PacketBuf,
     sc: &mut OverlayScratch,
 ) -> Result<(), DropReason> {
+    if crate::trace::active() {
+        crate::trace::note("vxlan", || {
+            format!(
+                "VXLAN VNI {} to host {} (VTEP {}){}",
+                vni.get(),
+                peer.name,
+                peer.addr.ip(),
+                if buf.offload.gso == GsoType::None {
+                    String::new()
+                } else {
+                    format!(
+                        ", super-frame segmented to {} byte segments in one UDP GSO send",
+                        buf.offload.gso_size
+                    )
+                }
+            )
+        });
+        if crate::trace::dry_run() {
+            return Ok(());
+        }
+    }
     let hash = vxlan::flow_hash(key, ul.hash_seed);
     let header = vxlan::header(vni);
     if buf.offload.gso == GsoType::None {
@@ -367,6 +388,11 @@ pub(super) fn poll_underlay(
                 ul.counters
                     .rx_not_peer
                     .fetch_add(count as u64, Ordering::Relaxed);
+                if ul.capture.active() {
+                    for d in data.chunks(stride) {
+                        capture_drop(ul, meta, DropReason::UnderlayNotPeer, d);
+                    }
+                }
                 continue;
             };
             for dgram in data.chunks(stride) {
@@ -378,6 +404,9 @@ pub(super) fn poll_underlay(
                     Ok(i) => i,
                     Err(r) => {
                         peer.counters.count_drop(r);
+                        if ul.capture.active() {
+                            capture_drop(ul, meta, r, dgram);
+                        }
                         continue;
                     }
                 };
@@ -401,6 +430,22 @@ pub(super) fn poll_underlay(
         }
         flush_gro(snap, current.take(), &mut o.gro, now);
     }
+}
+
+/// Offers a datagram the underlay dropped to its captures.
+#[cold]
+fn capture_drop(ul: &Underlay, meta: &RecvMeta, r: DropReason, dgram: &[u8]) {
+    let src = match meta.addr {
+        std::net::SocketAddr::V4(a) => a,
+        std::net::SocketAddr::V6(a) => std::net::SocketAddrV4::new(
+            a.ip()
+                .to_ipv4_mapped()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            a.port(),
+        ),
+    };
+    let dst = std::net::SocketAddrV4::new(ul.local, ul.port);
+    ul.capture_datagram(crate::capture::Stage::Drop, Some(r), src, dst, dgram);
 }
 
 /// Emits what GRO holds for context `(peer id, network index)`.

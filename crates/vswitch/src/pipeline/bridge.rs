@@ -63,6 +63,10 @@ impl Bridge {
                     self.fdb.write().count_hijack();
                     return Verdict::Drop(DropReason::SrcMacHijack);
                 }
+                SrcCheck::NeedsLearn if crate::trace::dry_run() => {
+                    // A packet trace learns nothing.
+                    crate::trace::note("bridge", || format!("would learn {src} on this port"));
+                }
                 SrcCheck::NeedsLearn => {
                     drop(fdb);
                     if self.fdb.write().learn(src, ingress.id, now) == Learned::HijackRefused {

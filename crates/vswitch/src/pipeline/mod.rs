@@ -118,6 +118,9 @@ pub enum DropReason {
     EgressError,
     /// Egress needs segmentation or checksum work that failed in software.
     OffloadFailed,
+    /// Underlay: from an address that is not a configured peer (counted
+    /// as the underlay's `rx_not_peer`; named so in drop captures).
+    UnderlayNotPeer,
     /// Underlay: not a valid VXLAN header (no I flag, too short).
     UnderlayBadVxlan,
     /// Underlay: a VNI no local network uses.
@@ -170,7 +173,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of reasons (size of per-port counter arrays).
-    pub const COUNT: usize = 37;
+    pub const COUNT: usize = 38;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -193,6 +196,7 @@ impl DropReason {
         DropReason::EgressBusy,
         DropReason::EgressError,
         DropReason::OffloadFailed,
+        DropReason::UnderlayNotPeer,
         DropReason::UnderlayBadVxlan,
         DropReason::UnderlayUnknownVni,
         DropReason::UnderlayNotMember,
@@ -235,6 +239,7 @@ impl DropReason {
             DropReason::EgressBusy => "egress_busy",
             DropReason::EgressError => "egress_error",
             DropReason::OffloadFailed => "offload_failed",
+            DropReason::UnderlayNotPeer => "underlay_not_peer",
             DropReason::UnderlayBadVxlan => "underlay_bad_vxlan",
             DropReason::UnderlayUnknownVni => "underlay_unknown_vni",
             DropReason::UnderlayNotMember => "underlay_not_member",
@@ -276,9 +281,12 @@ impl Default for DropCounters {
 }
 
 impl DropCounters {
-    /// Counts one drop for `r`.
+    /// Counts one drop for `r` (not a packet trace's synthetic packet).
     #[inline]
     pub fn count(&self, r: DropReason) {
+        if crate::trace::dry_run() {
+            return;
+        }
         self.0[r.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::DropReason;
 use crate::clock::Timestamp;
 use crate::fdb::PortId;
+use crate::trace;
 
 /// What the security-group table keeps per connection: the rule that
 /// allowed it.
@@ -70,6 +71,20 @@ impl PortSg {
         frame: &[u8],
         now: Timestamp,
     ) -> Result<(), DropReason> {
+        if trace::active() {
+            return self.admit_traced(port, dir, key, frame, now);
+        }
+        self.admit_inner(port, dir, key, frame, now)
+    }
+
+    fn admit_inner(
+        &self,
+        port: PortId,
+        dir: Direction,
+        key: &FlowKey,
+        frame: &[u8],
+        now: Timestamp,
+    ) -> Result<(), DropReason> {
         let mut ct = self.table.lock();
         match ct.track(self.zone, port, key, frame, now.0) {
             Track::Established { .. } | Track::Related { .. } | Track::Untracked(_) => Ok(()),
@@ -80,10 +95,7 @@ impl PortSg {
                     return Ok(());
                 };
                 let Some(rule) = self.fw.evaluate(&self.groups, dir, &pkt) else {
-                    return Err(match dir {
-                        Direction::Egress => DropReason::SgEgressDenied,
-                        Direction::Ingress => DropReason::SgIngressDenied,
-                    });
+                    return Err(denied(dir));
                 };
                 if ct.port_count(port) >= self.max_connections {
                     return Err(DropReason::ConnLimit);
@@ -94,6 +106,114 @@ impl PortSg {
                 }
             }
         }
+    }
+
+    /// [`PortSg::admit`] under a packet trace: says which connection or
+    /// rule decided; a dry run only looks the table up and classifies
+    /// (no state advanced, nothing committed, no hit counted).
+    #[cold]
+    fn admit_traced(
+        &self,
+        port: PortId,
+        dir: Direction,
+        key: &FlowKey,
+        frame: &[u8],
+        now: Timestamp,
+    ) -> Result<(), DropReason> {
+        let way = match dir {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        };
+        let known = {
+            let ct = self.table.lock();
+            let ext = ct
+                .lookup_flow(self.zone, key, now.0)
+                .and_then(|(id, _)| ct.get(id, now.0).map(|e| *e.ext));
+            ext
+        };
+        if let Some(c) = known {
+            trace::note("sg", || {
+                format!(
+                    "security groups {way}: tracked connection, allowed when it began by {}",
+                    self.rule_name(c.rule)
+                )
+            });
+            return if trace::dry_run() {
+                Ok(())
+            } else {
+                self.admit_inner(port, dir, key, frame, now)
+            };
+        }
+        let pkt = Packet::from_flow(key, dir);
+        let first = match Conntrack::<SgConn>::first_packet(self.zone, key, frame) {
+            Some(Track::Untracked(u)) => Some(Ok(u)),
+            Some(Track::Invalid(i)) => Some(Err(i)),
+            _ => None,
+        };
+        let matched = pkt.and_then(|p| self.fw.classify(&self.groups, dir, &p));
+        let verdict = if trace::dry_run() {
+            match (first, pkt, matched) {
+                (Some(Ok(_)), ..) | (_, None, _) => Ok(()),
+                (Some(Err(_)), ..) => Err(DropReason::ConnInvalid),
+                (_, Some(_), None) => Err(denied(dir)),
+                (_, Some(_), Some(_)) => Ok(()),
+            }
+        } else {
+            self.admit_inner(port, dir, key, frame, now)
+        };
+        trace::note("sg", || match (first, pkt, matched, verdict) {
+            (Some(Ok(u)), ..) => {
+                format!("security groups {way}: not tracked ({u:?}), passes")
+            }
+            (_, None, ..) => format!("security groups {way}: not judged (not an IP flow), passes"),
+            (Some(Err(i)), ..) => format!(
+                "security groups {way}: no tracked connection and it cannot start one ({i:?})"
+            ),
+            (_, _, Some(r), Ok(())) => format!(
+                "security groups {way}: new connection, {} allows",
+                self.rule_name(r)
+            ),
+            (_, _, Some(r), Err(e)) => format!(
+                "security groups {way}: {} allows, but {}",
+                self.rule_name(r),
+                e.as_str()
+            ),
+            (_, _, None, _) => format!(
+                "security groups {way}: no rule of {} allows it",
+                self.group_names()
+            ),
+        });
+        verdict
+    }
+
+    /// `group web rule 2 (ingress ipv4 tcp 80 from any)`.
+    fn rule_name(&self, r: RuleRef) -> String {
+        let g = self.fw.group_name(r.group).unwrap_or("?");
+        match self.fw.rule(r) {
+            Some(spec) => format!("group {g} rule {} ({spec})", r.rule + 1),
+            None => format!("group {g} rule {}", r.rule + 1),
+        }
+    }
+
+    /// The port's groups, `web, ssh`.
+    fn group_names(&self) -> String {
+        let names: Vec<&str> = self
+            .groups
+            .iter()
+            .filter_map(|&g| self.fw.group_name(g))
+            .collect();
+        if names.is_empty() {
+            "its groups (none)".into()
+        } else {
+            format!("groups {}", names.join(", "))
+        }
+    }
+}
+
+fn denied(dir: Direction) -> DropReason {
+    match dir {
+        Direction::Egress => DropReason::SgEgressDenied,
+        Direction::Ingress => DropReason::SgIngressDenied,
     }
 }
 
