@@ -256,7 +256,7 @@ impl PortCapture {
     /// one relaxed load.
     #[inline]
     pub fn offer(&self, stage: Stage, reason: Option<DropReason>, frame: &[u8]) {
-        if self.active.load(Ordering::Relaxed) == 0 {
+        if !cfg!(feature = "observe") || self.active.load(Ordering::Relaxed) == 0 {
             return;
         }
         self.offer_slow(stage, reason, frame);
@@ -273,7 +273,7 @@ impl PortCapture {
     /// then).
     #[inline]
     pub fn active(&self) -> bool {
-        self.active.load(Ordering::Relaxed) != 0
+        cfg!(feature = "observe") && self.active.load(Ordering::Relaxed) != 0
     }
 
     /// Offers a frame made of `head` (headers the kernel adds, rebuilt for
@@ -312,7 +312,7 @@ impl PortCapture {
     /// load when none does.
     #[inline]
     pub fn tracing(&self) -> bool {
-        self.live.load(Ordering::Relaxed) != 0
+        cfg!(feature = "observe") && self.live.load(Ordering::Relaxed) != 0
     }
 
     /// The live trace that claims this frame, if any.

@@ -306,6 +306,9 @@ struct CaptureTarget {
 /// port's frames when a port is named), or the uplink port.
 fn capture_target(daemon: &Daemon, spec: &CaptureSpec) -> Result<CaptureTarget, String> {
     use crate::capture::Stage;
+    if !cfg!(feature = "observe") {
+        return Err(crate::daemon::NOT_OBSERVABLE.into());
+    }
     let all = vec![Stage::Rx, Stage::Tx, Stage::Drop];
     let no_port = |p: &str| format!("no port {p:?} on this switch (vswitchctl show lists them)");
     let words: Vec<&str> = spec.stages.iter().flatten().map(String::as_str).collect();

@@ -12,6 +12,8 @@
 mod connections;
 mod trace;
 
+pub use trace::NOT_OBSERVABLE;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;

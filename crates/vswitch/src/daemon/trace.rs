@@ -18,6 +18,10 @@ use crate::trace::{FlowSpec, LiveSession, Proto, Step, Traced};
 /// locally administered address no real neighbour is expected to use).
 pub const UPLINK_TRACE_MAC: MacAddr = MacAddr([0x02, 0xff, 0xff, 0xff, 0xff, 0xfe]);
 
+/// Why a build without the `observe` feature refuses traces and captures.
+pub const NOT_OBSERVABLE: &str =
+    "this vswitchd was built without the observe feature (no capture or trace points)";
+
 /// Longest a live trace waits for its packets.
 pub const MAX_LIVE_WAIT: Duration = Duration::from_secs(60);
 
@@ -25,6 +29,10 @@ impl Daemon {
     /// Walks the packet `flow` as if port `port`'s VM (or the uplink's
     /// neighbour) had sent it.
     pub fn trace(&self, port: &str, flow: &str) -> Result<Value, String> {
+        if !cfg!(feature = "observe") {
+            // A dry run would not be one: the stages could not tell.
+            return Err(NOT_OBSERVABLE.into());
+        }
         let spec = FlowSpec::parse(flow)?;
         let snap = self.shared.load();
         let p = snap.iter_ports().find(|p| p.name == port).ok_or(format!(
@@ -49,6 +57,9 @@ impl Daemon {
         filter: Option<&str>,
         wait: Duration,
     ) -> Result<Value, String> {
+        if !cfg!(feature = "observe") {
+            return Err(NOT_OBSERVABLE.into());
+        }
         let filter = filter
             .map(crate::filter::Filter::parse)
             .transpose()

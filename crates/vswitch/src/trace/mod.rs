@@ -54,14 +54,14 @@ thread_local! {
 /// Whether a trace runs on this thread.
 #[inline]
 pub fn active() -> bool {
-    MODE.with(|m| m.get() != Mode::Off)
+    cfg!(feature = "observe") && MODE.with(|m| m.get() != Mode::Off)
 }
 
 /// Whether this thread runs a synthetic packet: stages must not change
 /// state or write frames, only say what they would do.
 #[inline]
 pub fn dry_run() -> bool {
-    MODE.with(|m| m.get() == Mode::DryRun)
+    cfg!(feature = "observe") && MODE.with(|m| m.get() == Mode::DryRun)
 }
 
 /// Records a decision of `stage` when a trace runs; `text` is only built
@@ -221,7 +221,7 @@ impl LiveSession {
 /// Most packets one live trace follows.
 pub const MAX_LIVE: u64 = 100;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "observe"))]
 mod tests {
     use super::*;
 
