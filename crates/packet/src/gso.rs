@@ -186,6 +186,30 @@ pub fn segment(buf: &PacketBuf, mut emit: impl FnMut(&[u8])) -> Result<usize, Gs
         GsoType::Ufo => return Err(GsoError::Unsupported(o.gso)),
         GsoType::TcpV4 | GsoType::TcpV6 | GsoType::UdpL4 => {}
     }
+    let mut v = Vec::new();
+    segment_append(buf, &[], &mut v, |v, start| {
+        emit(&v[start..]);
+        v.truncate(start);
+    })
+}
+
+/// [`segment`] of a super-frame (GSO set) written straight into `out`:
+/// each segment is appended as `prefix` (e.g. a VXLAN header) followed by
+/// the segment, and `each(out, start)` is called with the offset where it
+/// began (it may truncate `out` back to `start`). The fast path of an
+/// encapsulating egress: one copy of the payload, summed while it is in
+/// cache.
+pub fn segment_append(
+    buf: &PacketBuf,
+    prefix: &[u8],
+    out: &mut Vec<u8>,
+    mut each: impl FnMut(&mut Vec<u8>, usize),
+) -> Result<usize, GsoError> {
+    let frame = buf.frame();
+    let o: Offload = buf.offload;
+    if !matches!(o.gso, GsoType::TcpV4 | GsoType::TcpV6 | GsoType::UdpL4) {
+        return Err(GsoError::Unsupported(o.gso));
+    }
     let mss = usize::from(o.gso_size);
     if mss == 0 {
         return Err(GsoError::ZeroGsoSize);
@@ -239,27 +263,30 @@ pub fn segment(buf: &PacketBuf, mut emit: impl FnMut(&[u8])) -> Result<usize, Gs
     let flags = frame.get(l4 + 13).copied().unwrap_or(0);
     let csum_field = l4 + if tcp { 16 } else { 6 };
 
-    let mut seg = Vec::with_capacity(hdr_len + mss.min(payload.len()));
+    out.reserve(nseg * (prefix.len() + hdr_len) + payload.len());
     for i in 0..nseg {
         let from = i * mss;
         let chunk = payload
             .get(from..(from + mss).min(payload.len()))
             .unwrap_or_default();
-        seg.clear();
-        seg.extend_from_slice(hdr);
-        seg.extend_from_slice(chunk);
+        let start = out.len();
+        out.extend_from_slice(prefix);
+        let seg_at = out.len();
+        out.extend_from_slice(hdr);
+        out.extend_from_slice(chunk);
+        let seg = &mut out[seg_at..];
         let l4_len = l4_hlen + chunk.len();
         let l4_len16 = u16::try_from(l4_len).map_err(|_| mismatch)?;
         if v4 {
             let total = u16::try_from(l4 - l3 + l4_len).map_err(|_| mismatch)?;
-            put16(&mut seg, l3 + 2, total);
-            put16(&mut seg, l3 + 4, base_id.wrapping_add(i as u16));
-            put16(&mut seg, l3 + 10, 0);
+            put16(seg, l3 + 2, total);
+            put16(seg, l3 + 4, base_id.wrapping_add(i as u16));
+            put16(seg, l3 + 10, 0);
             let c = !fold(sum(seg.get(l3..l4).unwrap_or_default()));
-            put16(&mut seg, l3 + 10, c);
+            put16(seg, l3 + 10, c);
         } else {
             let plen = u16::try_from(l4 - l3 - 40 + l4_len).map_err(|_| mismatch)?;
-            put16(&mut seg, l3 + 4, plen);
+            put16(seg, l3 + 4, plen);
         }
         if tcp {
             let seq = base_seq.wrapping_add(from as u32);
@@ -277,9 +304,9 @@ pub fn segment(buf: &PacketBuf, mut emit: impl FnMut(&[u8])) -> Result<usize, Gs
                 *b = f;
             }
         } else {
-            put16(&mut seg, l4 + 4, l4_len16);
+            put16(seg, l4 + 4, l4_len16);
         }
-        put16(&mut seg, csum_field, 0);
+        put16(seg, csum_field, 0);
         let pseudo = match (ip.src, ip.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => pseudo_header_v4(s, d, ip.proto, l4_len16),
             (IpAddr::V6(s), IpAddr::V6(d)) => {
@@ -291,8 +318,8 @@ pub fn segment(buf: &PacketBuf, mut emit: impl FnMut(&[u8])) -> Result<usize, Gs
         if !tcp {
             c = udp_nonzero(c);
         }
-        put16(&mut seg, csum_field, c);
-        emit(&seg);
+        put16(seg, csum_field, c);
+        each(out, start);
     }
     Ok(nseg)
 }

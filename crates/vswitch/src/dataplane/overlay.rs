@@ -285,11 +285,9 @@ fn send(
     }
     sc.tx.clear();
     sc.seg_lens.clear();
-    let (tx, lens) = (&mut sc.tx, &mut sc.seg_lens);
-    packet::gso::segment(buf, |seg| {
-        tx.extend_from_slice(&header);
-        tx.extend_from_slice(seg);
-        lens.push(VXLAN_HLEN + seg.len());
+    let lens = &mut sc.seg_lens;
+    packet::gso::segment_append(buf, &header, &mut sc.tx, |tx, start| {
+        lens.push(tx.len() - start);
     })
     .map_err(|_| DropReason::OffloadFailed)?;
     send_train(ul, peer, hash, &sc.tx, &sc.seg_lens)
