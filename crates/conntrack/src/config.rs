@@ -10,8 +10,8 @@ pub(crate) const NS: u64 = 1_000_000_000;
 /// overflow and catches unit mistakes such as milliseconds for seconds).
 pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
-/// Largest `max_entries`: slot numbers are `u32`.
-pub const MAX_ENTRIES_LIMIT: usize = (u32::MAX - 1) as usize;
+/// Largest `max_entries`: slot numbers are 31-bit in the key index.
+pub const MAX_ENTRIES_LIMIT: usize = (u32::MAX >> 1) as usize;
 
 /// Idle timeouts in seconds, one per timeout class. An entry expires when no
 /// packet of it was seen for its class's timeout; every tracked packet

@@ -133,6 +133,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod index;
 mod key;
 mod outcome;
 mod parse;

@@ -9,6 +9,7 @@ use packet::{FlowKey, L3, L4};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError, NS};
+use crate::index::{Index, Ref};
 use crate::key::{icmp_is_request, ConnKey, Dir, NoKey};
 use crate::outcome::{CommitError, ConnId, Invalid, Limit, NewConn, Stats, Track, Untracked};
 use crate::parse::{ip_len, quoted_key, tcp_seg};
@@ -31,12 +32,6 @@ pub struct DirStats {
     pub packets: u64,
     /// Bytes of IP packets (IPv4 total length, IPv6 40 + payload length).
     pub bytes: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Ref {
-    slot: u32,
-    dir: Dir,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -130,7 +125,7 @@ pub struct Conntrack<E = ()> {
     links: Vec<Link>,
     free: Vec<u32>,
     lists: [List; CLASSES],
-    index: HashMap<ConnKey, Ref>,
+    index: Index,
     per_port: HashMap<u32, u32>,
     len: usize,
     stats: Stats,
@@ -179,7 +174,7 @@ impl<E> Conntrack<E> {
                 head: NIL,
                 tail: NIL,
             }; CLASSES],
-            index: HashMap::new(),
+            index: Index::default(),
             per_port: HashMap::new(),
             len: 0,
             stats: Stats::default(),
@@ -249,7 +244,8 @@ impl<E> Conntrack<E> {
     /// packet path does not pay a rehash of a large table later.
     pub fn reserve(&mut self, additional: usize) {
         let n = additional.min(self.cfg.max_entries.saturating_sub(self.len));
-        self.index.reserve(2 * n);
+        let slots = &self.slots;
+        self.index.reserve(2 * n, |r| key_at(slots, r));
         self.slots.reserve(n);
         self.links.reserve(n);
     }
@@ -355,7 +351,8 @@ impl<E> Conntrack<E> {
         if let Some(s) = self.free.pop() {
             return s;
         }
-        // len < max_entries <= u32::MAX - 1, so the slab never reaches NIL.
+        // len < max_entries <= u32::MAX >> 1, so the slab never reaches NIL
+        // and every slot number fits the index's packing.
         let s = u32::try_from(self.slots.len()).unwrap_or(NIL);
         self.slots.push(Slot {
             gen: 0,
@@ -374,21 +371,18 @@ impl<E> Conntrack<E> {
         if let Some(s) = self.slots.get_mut(slot as usize) {
             s.entry = Some(entry);
         }
-        self.index.insert(
-            orig,
-            Ref {
-                slot,
-                dir: Dir::Original,
-            },
-        );
+        let slots = &self.slots;
+        let original = Ref {
+            slot,
+            dir: Dir::Original,
+        };
+        self.index.insert(&orig, original, |r| key_at(slots, r));
         if reply != orig {
-            self.index.insert(
-                reply,
-                Ref {
-                    slot,
-                    dir: Dir::Reply,
-                },
-            );
+            let r = Ref {
+                slot,
+                dir: Dir::Reply,
+            };
+            self.index.insert(&reply, r, |r| key_at(slots, r));
         }
         self.push_tail(slot, class);
         *self.per_port.entry(port).or_insert(0) += 1;
@@ -401,9 +395,21 @@ impl<E> Conntrack<E> {
         let e = s.entry.take()?;
         let id = ConnId { slot, gen: s.gen };
         s.gen = s.gen.wrapping_add(1);
-        self.index.remove(&e.orig);
+        self.index.remove(
+            &e.orig,
+            Ref {
+                slot,
+                dir: Dir::Original,
+            },
+        );
         if e.reply != e.orig {
-            self.index.remove(&e.reply);
+            self.index.remove(
+                &e.reply,
+                Ref {
+                    slot,
+                    dir: Dir::Reply,
+                },
+            );
         }
         self.unlink(slot, e.class);
         self.free.push(slot);
@@ -441,7 +447,8 @@ impl<E> Conntrack<E> {
 
     /// The live entry for `key`; an expired one is removed and ignored.
     fn find_live(&mut self, key: &ConnKey, now: u64) -> Option<Ref> {
-        let r = *self.index.get(key)?;
+        let slots = &self.slots;
+        let r = self.index.get(key, |r| key_at(slots, r))?;
         let expired = !matches!(self.entry(r.slot), Some(e) if e.deadline > now);
         if expired {
             self.discard(r.slot, Why::Expired);
@@ -696,7 +703,8 @@ impl<E> Conntrack<E> {
     /// The live entry holding `key` and the direction `key` is, without
     /// side effects (an expired entry is absent).
     pub fn lookup(&self, key: &ConnKey, now: u64) -> Option<(ConnId, Dir)> {
-        let r = self.index.get(key)?;
+        let slots = &self.slots;
+        let r = self.index.get(key, |r| key_at(slots, r))?;
         let e = self.entry(r.slot)?;
         (e.deadline > now).then(|| (self.id(r.slot), r.dir))
     }
@@ -949,13 +957,13 @@ impl<E> Conntrack<E> {
         for &s in &live {
             let e = self.entry(s).ok_or("vanished")?;
             *ports.entry(e.port).or_default() += 1;
-            match self.index.get(&e.orig) {
+            match self.index.get(&e.orig, |r| key_at(&self.slots, r)) {
                 Some(r) if r.slot == s && r.dir == Dir::Original => {}
                 _ => return Err(format!("orig key of slot {s} not indexed")),
             }
             keys += 1;
             if e.reply != e.orig {
-                match self.index.get(&e.reply) {
+                match self.index.get(&e.reply, |r| key_at(&self.slots, r)) {
                     Some(r) if r.slot == s && r.dir == Dir::Reply => {}
                     _ => return Err(format!("reply key of slot {s} not indexed")),
                 }
@@ -1034,5 +1042,14 @@ fn first_state(ck: &ConnKey, seg: Option<crate::state::Seg>) -> Result<ProtoStat
             ProtoState::Icmp { replied: false }
         }
         _ => ProtoState::Other { replied: false },
+    })
+}
+
+/// The key `r` points at: the slot's key of that direction.
+fn key_at<E>(slots: &[Slot<E>], r: Ref) -> Option<&ConnKey> {
+    let e = slots.get(r.slot as usize)?.entry.as_ref()?;
+    Some(match r.dir {
+        Dir::Original => &e.orig,
+        Dir::Reply => &e.reply,
     })
 }
