@@ -518,7 +518,7 @@ impl Snapshot {
                         self.location_name(port).unwrap_or_default()
                     ),
                     _ => format!(
-                        "network {}: next hop {dst} unknown to the bridge: flood",
+                        "network {}: the next hop's MAC {dst} is unknown to the bridge: flood",
                         out.cfg.name
                     ),
                 });
