@@ -263,7 +263,6 @@ pub fn segment_append(
     let flags = frame.get(l4 + 13).copied().unwrap_or(0);
     let csum_field = l4 + if tcp { 16 } else { 6 };
 
-    out.reserve(nseg * (prefix.len() + hdr_len) + payload.len());
     for i in 0..nseg {
         let from = i * mss;
         let chunk = payload

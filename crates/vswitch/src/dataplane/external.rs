@@ -140,38 +140,30 @@ impl Snapshot {
     ) -> nat::Outcome {
         let partial = buf.offload.csum.is_some();
         if trace::active() {
-            return self.nat_traced(from, ingress, key, buf, now);
+            if let Some(dry) = self.nat_traced(from, key, buf, now) {
+                return dry;
+            }
         }
         self.nat
             .lock()
             .translate(from, ingress.id, key, buf.frame_mut(), partial, now.0)
     }
 
+    /// Under a trace: says what NAT does with the packet (its preview);
+    /// in a dry run also answers in its place, the preview's rewrite
+    /// applied to the synthetic frame (`None`: translate for real).
     #[cold]
     fn nat_traced(
         &self,
         from: u32,
-        ingress: &PortRt,
         key: &FlowKey,
         buf: &mut PacketBuf,
         now: Timestamp,
-    ) -> nat::Outcome {
-        let partial = buf.offload.csum.is_some();
-        let preview = self.nat.lock().preview(from, key, now.0);
-        let (kind, zone, src, dst, new) = match preview {
+    ) -> Option<nat::Outcome> {
+        let (kind, zone, src, dst, new) = match self.nat.lock().preview(from, key, now.0) {
             nat::Preview::NoMatch => {
                 trace::note("nat", || "NAT: no rule or connection takes it".into());
-                if trace::dry_run() {
-                    return nat::Outcome::NoMatch;
-                }
-                return self.nat.lock().translate(
-                    from,
-                    ingress.id,
-                    key,
-                    buf.frame_mut(),
-                    partial,
-                    now.0,
-                );
+                return trace::dry_run().then_some(nat::Outcome::NoMatch);
             }
             nat::Preview::Established {
                 kind,
@@ -186,12 +178,12 @@ impl Snapshot {
                 dst,
             } => (kind, zone, src, dst, true),
         };
-        let to = if zone == nat::EXTERNAL_ZONE {
-            "out of the uplink".to_string()
-        } else {
-            format!("into tenant {}", self.zone_tenant(zone))
-        };
         trace::note("nat", || {
+            let to = if zone == nat::EXTERNAL_ZONE {
+                "out of the uplink".to_string()
+            } else {
+                format!("into tenant {}", self.zone_tenant(zone))
+            };
             format!(
                 "NAT ({}): {}, leaves as {src} -> {dst} {to}{}",
                 kind_name(kind),
@@ -208,24 +200,20 @@ impl Snapshot {
             )
         });
         if !trace::dry_run() {
-            return self.nat.lock().translate(
-                from,
-                ingress.id,
-                key,
-                buf.frame_mut(),
-                partial,
-                now.0,
-            );
+            return None;
         }
-        if nat::rewrite_tuple(key, buf.frame_mut(), src, dst, partial) {
-            nat::Outcome::Forward {
-                zone,
-                dst: *dst.ip(),
-                hairpin: false,
-            }
-        } else {
-            nat::Outcome::Drop(nat::NatDrop::Malformed)
-        }
+        let partial = buf.offload.csum.is_some();
+        Some(
+            if nat::rewrite_tuple(key, buf.frame_mut(), src, dst, partial) {
+                nat::Outcome::Forward {
+                    zone,
+                    dst: *dst.ip(),
+                    hairpin: false,
+                }
+            } else {
+                nat::Outcome::Drop(nat::NatDrop::Malformed)
+            },
+        )
     }
 
     /// The tenant whose conntrack zone is `zone`.
