@@ -16,7 +16,7 @@ fn ctl_capture(sw: &Switch, args: &[&str]) -> Command {
 /// tshark's view: one line per frame with the given fields.
 fn tshark(file: &std::path::Path, fields: &[&str]) -> String {
     let mut c = Command::new("tshark");
-    c.arg("-r").arg(file).args(["-T", "fields"]);
+    c.arg("-n").arg("-r").arg(file).args(["-T", "fields"]);
     for f in fields {
         c.args(["-e", f]);
     }

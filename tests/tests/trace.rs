@@ -205,7 +205,7 @@ fn trace_names_the_deciding_rules_changes_nothing_and_agrees_with_traffic() {
         Ok(Some(_))
     )));
     let mut c = Command::new("tshark");
-    c.arg("-r").arg(&file).args([
+    c.arg("-n").arg("-r").arg(&file).args([
         "-T",
         "fields",
         "-e",

@@ -174,7 +174,7 @@ fn vms_on_two_hosts_talk_isolated_by_tenant() {
         Ok(Some(_))
     )));
     let mut c = std::process::Command::new("tshark");
-    c.arg("-r").arg(&ufile).args([
+    c.arg("-n").arg("-r").arg(&ufile).args([
         "-T",
         "fields",
         "-E",
@@ -491,6 +491,9 @@ fn interoperates_with_kernel_vxlan() {
         .unwrap_or_else(|| panic!("k3's MAC not learned: {fdb:#}"));
     assert_eq!(learned["kind"], "dynamic", "{learned:#}");
     assert_eq!(learned["vtep"], UL_B, "{learned:#}");
+    // The capture stops before the bulk TCP below: a second of iperf3 is a
+    // gigabyte of pcap, which tshark on a loaded CI machine cannot read in time.
+    let _ = stop_capture(tshark_cap, &file);
     // TCP both ways.
     for (server, client, ip) in [(&k2, &w1, "10.0.1.12"), (&w1, &k2, "10.0.1.11")] {
         let mut srv = Bg::spawn_in(
@@ -516,10 +519,10 @@ fn interoperates_with_kernel_vxlan() {
         assert!(bytes > 1_000_000, "{client} -> {ip}: only {bytes} bytes");
         srv.wait(Duration::from_secs(10));
     }
-    let _ = stop_capture(tshark_cap, &file);
     // tshark decodes UDP 4789 as VXLAN by default.
     let out = run_timeout(
         std::process::Command::new("tshark").args([
+            "-n",
             "-r",
             &file.to_string_lossy(),
             "-Y",
@@ -549,6 +552,7 @@ fn interoperates_with_kernel_vxlan() {
     );
     let out = run_timeout(
         std::process::Command::new("tshark").args([
+            "-n",
             "-r",
             &file.to_string_lossy(),
             "-Y",
@@ -559,6 +563,7 @@ fn interoperates_with_kernel_vxlan() {
     let arps = String::from_utf8_lossy(&out.stdout).into_owned();
     let out = run_timeout(
         std::process::Command::new("tshark").args([
+            "-n",
             "-r",
             &file.to_string_lossy(),
             "-Y",
@@ -582,6 +587,7 @@ fn interoperates_with_kernel_vxlan() {
     // Our UDP source ports carry flow entropy (49152-65535).
     let out = run_timeout(
         std::process::Command::new("tshark").args([
+            "-n",
             "-r",
             &file.to_string_lossy(),
             "-Y",
