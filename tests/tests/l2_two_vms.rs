@@ -141,3 +141,107 @@ fn l2_two_vms() {
     assert_eq!(p["port_security"], true, "vm1: {p}");
     assert!(p["drops"].is_object(), "vm1 drops: {p}");
 }
+
+/// With two workers each tap has two queues: the VM's flows are spread
+/// over them, both workers carry the sender's data, every stream gets
+/// through, and a switch killed and restarted re-attaches both queues.
+#[test]
+fn two_workers_share_each_port_through_tap_queues() {
+    if !netns_or_skip() || !tools_or_skip(&["ping", "iperf3", "ss"]) {
+        return;
+    }
+    let n = Names::new("mq");
+    let dir = TestDir::new();
+    let (vm1, vm2) = (n.port("v1"), n.port("v2"));
+    let mut cfg = Config::new();
+    cfg.switch_key("workers", "2");
+    let t = cfg.tenant("acme");
+    t.network("web", 1001, "10.0.1.0/24").gateway = Some("10.0.1.1".into());
+    t.port(&vm1, "web", &n.tap("v1"), "02:00:0a:00:01:0a", "10.0.1.10");
+    t.port(&vm2, "web", &n.tap("v2"), "02:00:0a:00:01:0b", "10.0.1.11");
+    let path = dir.file("vswitch.toml");
+    cfg.write(&path);
+
+    let sw = Switch::start(&dir, &path);
+    let lab = Lab::up(&path, &cfg.port_names());
+    let queues_seen_by_vm = |vm: &str| -> usize {
+        let o = lab.exec(vm, &["ls", "/sys/class/net/eth0/queues"]);
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .filter(|q| q.starts_with("tx-"))
+            .count()
+    };
+    assert_eq!(queues_seen_by_vm(&vm1), 2, "vm1's NIC queues");
+    let p = sw.port(&vm1).expect("vm1 in show");
+    assert_eq!(num(&p, "tap_queues"), 2, "{p}");
+    lab.assert_ping(&vm1, "10.0.1.11", 2);
+
+    // 16 streams: the kernel hashes them over the two queues (all on one
+    // queue has odds of 2 in 65,536).
+    let before: Vec<u64> = worker_bytes(&sw.show());
+    let mut server = lab.spawn(&dir, &vm2, "iperf3-server", &["iperf3", "-s", "-1"]);
+    assert!(
+        wait_tcp_listen(&vm2, 5201, Duration::from_secs(10)),
+        "iperf3 server did not listen: {}",
+        server.stderr()
+    );
+    let out = lab.exec_timeout(
+        &vm1,
+        &["iperf3", "-c", "10.0.1.11", "-t", "3", "-P", "16", "-J"],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "iperf3 client:\n{}", fmt_output(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J prints JSON");
+    let streams = report["end"]["streams"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(streams.len(), 16, "{}", report["end"]);
+    for s in &streams {
+        let got = s["receiver"]["bytes"].as_u64().unwrap_or(0);
+        assert!(got > 100_000, "a stream moved only {got} bytes: {s}");
+    }
+    server.wait(Duration::from_secs(10));
+    let after = worker_bytes(&sw.show());
+    let moved: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let total: u64 = moved.iter().sum();
+    assert!(total > 50_000_000, "workers read {moved:?} bytes");
+    for (i, m) in moved.iter().enumerate() {
+        assert!(
+            *m * 10 >= total,
+            "worker {i} read {m} of {total} bytes: the flows did not spread over the queues ({moved:?})"
+        );
+    }
+
+    // A killed switch leaves the multi-queue taps; the next one attaches
+    // both queues again.
+    let mut sw = sw;
+    signal(sw.pid(), rustix::process::Signal::KILL).expect("SIGKILL");
+    let _ = sw.wait_exit(Duration::from_secs(5));
+    drop(sw);
+    let sw = Switch::start_named(&dir, &path, "vswitchd-restarted");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .exec(&vm1, &["ping", "-n", "-c", "1", "-W", "0.5", "10.0.1.11"])
+            .status
+            .success()),
+        "no traffic after the restart"
+    );
+    let p = sw.port(&vm1).expect("vm1 in show");
+    assert_eq!(num(&p, "tap_queues"), 2, "{p}");
+    assert_eq!(
+        queues_seen_by_vm(&vm1),
+        2,
+        "vm1's NIC queues after the restart"
+    );
+}
+
+/// Bytes each worker has read from taps (`show`'s `worker_stats`).
+fn worker_bytes(show: &Value) -> Vec<u64> {
+    show["worker_stats"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| num(w, "tap_rx_bytes"))
+        .collect()
+}

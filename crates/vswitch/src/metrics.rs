@@ -122,6 +122,31 @@ pub fn render(
 ) -> String {
     let mut o = Out::default();
     render_lb(&mut o, lb);
+    for (name, field, help) in [
+        (
+            "vswitch_worker_tap_rx_packets_total",
+            "tap_rx_packets",
+            "Frames a data-plane worker read from taps.",
+        ),
+        (
+            "vswitch_worker_tap_rx_bytes_total",
+            "tap_rx_bytes",
+            "Bytes a data-plane worker read from taps.",
+        ),
+        (
+            "vswitch_worker_wakeups_total",
+            "wakeups",
+            "Times a data-plane worker woke up with work.",
+        ),
+    ] {
+        let v: Vec<(String, u64)> = show["worker_stats"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| (format!("worker=\"{}\"", num(&w["worker"])), num(&w[field])))
+            .collect();
+        o.family(name, "counter", help, &v);
+    }
     let mut hits = Vec::new();
     for t in sg["tenants"].as_array().into_iter().flatten() {
         for g in t["groups"].as_array().into_iter().flatten() {

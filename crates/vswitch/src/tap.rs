@@ -8,6 +8,14 @@
 //! super-frames instead of segmenting them. Frames are read and written with
 //! `readv`/`writev` so the header and the frame live in separate buffers and
 //! the frame keeps its headroom.
+//!
+//! With more than one data-plane worker a tap is opened multi-queue
+//! (`IFF_MULTI_QUEUE`, one fd per queue): the kernel spreads the VM's
+//! flows over the queues by a symmetric flow hash and sends a flow's
+//! replies back on the queue its frames were last written to, so each
+//! worker reads and writes its own queue of every port and a flow stays on
+//! one worker. A tap that exists single-queue (left by an older run, or
+//! made by a VMM) is attached with one queue.
 
 #![allow(unsafe_code)]
 
@@ -30,6 +38,7 @@ const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
 const TUN_F_CSUM: libc::c_uint = 0x01;
@@ -58,10 +67,26 @@ struct IfReqHwAddr {
     _pad: [u8; 8],
 }
 
-/// An open tap device.
+/// Most queues a tap is opened with (the kernel allows 256; more than
+/// workers never helps).
+pub const MAX_QUEUES: usize = 64;
+
+thread_local! {
+    /// The queue this thread writes to (`worker index % queues`); 0 for
+    /// threads that are not data-plane workers.
+    static TX_QUEUE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread (data-plane worker `idx`) write to queue
+/// `idx % queues` of every multi-queue tap.
+pub fn set_thread_queue(idx: usize) {
+    TX_QUEUE.with(|q| q.set(idx));
+}
+
+/// An open tap device: one fd per queue.
 #[derive(Debug)]
 pub struct Tap {
-    fd: OwnedFd,
+    queues: Vec<OwnedFd>,
     name: String,
     /// What the kernel agreed to hand us (and therefore what the VM side's
     /// netdev advertises as TX offloads).
@@ -69,8 +94,45 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Creates (or attaches to a persistent) tap named `name`.
+    /// Creates (or attaches to a persistent) single-queue tap named `name`.
     pub fn open(name: &str) -> io::Result<Tap> {
+        Tap::open_queues(name, 1)
+    }
+
+    /// Creates (or attaches to a persistent) tap named `name` with
+    /// `queues` queues (at most [`MAX_QUEUES`]). An existing single-queue
+    /// tap is attached with one queue: check [`Tap::queues`].
+    pub fn open_queues(name: &str, queues: usize) -> io::Result<Tap> {
+        let queues = queues.clamp(1, MAX_QUEUES);
+        if queues > 1 {
+            match Tap::open_queue(name, true) {
+                Ok((fd, rx_offloads)) => {
+                    let mut fds = vec![fd];
+                    for _ in 1..queues {
+                        fds.push(Tap::open_queue(name, true)?.0);
+                    }
+                    return Ok(Tap {
+                        queues: fds,
+                        name: name.to_string(),
+                        rx_offloads,
+                    });
+                }
+                // The device exists without IFF_MULTI_QUEUE (or the kernel
+                // lacks it): one queue.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (fd, rx_offloads) = Tap::open_queue(name, false)?;
+        Ok(Tap {
+            queues: vec![fd],
+            name: name.to_string(),
+            rx_offloads,
+        })
+    }
+
+    /// Opens one queue of tap `name` with the vnet header and offloads.
+    fn open_queue(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, OffloadCaps)> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -103,9 +165,13 @@ impl Tap {
             ));
         }
 
+        if multi_queue && features & (IFF_MULTI_QUEUE as libc::c_uint) == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mq = if multi_queue { IFF_MULTI_QUEUE } else { 0 };
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | mq,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -125,11 +191,22 @@ impl Tap {
         }
 
         let rx_offloads = set_offloads(&fd)?;
-        Ok(Tap {
-            fd,
-            name: name.to_string(),
-            rx_offloads,
-        })
+        Ok((fd, rx_offloads))
+    }
+
+    /// Number of queues (fds) open.
+    pub fn queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Queue `q`'s fd (for polling), `q` modulo the queue count.
+    pub fn queue_fd(&self, q: usize) -> BorrowedFd<'_> {
+        self.queue(q).as_fd()
+    }
+
+    fn queue(&self, q: usize) -> &OwnedFd {
+        // `queues` is never empty (every constructor opens one).
+        &self.queues[q % self.queues.len()]
     }
 
     /// Device name as created.
@@ -163,7 +240,7 @@ impl Tap {
         // bytes; `IfReqHwAddr` has that layout) that lives for the call.
         let rc = unsafe {
             libc::ioctl(
-                self.fd.as_raw_fd(),
+                self.queue(0).as_raw_fd(),
                 SIOCGIFHWADDR,
                 &mut req as *mut IfReqHwAddr,
             )
@@ -181,7 +258,11 @@ impl Tap {
     /// MAC `mac`; `None` if there is none. Never creates a device. The
     /// namespace switch happens on a short-lived thread; the tap's fd works
     /// from any namespace afterwards.
-    pub fn attach_in_netns(netns: &std::path::Path, mac: [u8; 6]) -> io::Result<Option<Tap>> {
+    pub fn attach_in_netns(
+        netns: &std::path::Path,
+        mac: [u8; 6],
+        queues: usize,
+    ) -> io::Result<Option<Tap>> {
         let ns = std::fs::File::open(netns)?;
         std::thread::scope(|s| {
             s.spawn(|| -> io::Result<Option<Tap>> {
@@ -200,7 +281,7 @@ impl Tap {
                     }
                     // The device exists, so TUNSETIFF attaches (or fails for
                     // a non-tap or a busy tap); it cannot create one.
-                    if let Ok(t) = Tap::open(name) {
+                    if let Ok(t) = Tap::open_queues(name, queues) {
                         if t.hw_addr().is_ok_and(|m| m == mac) {
                             return Ok(Some(t));
                         }
@@ -220,7 +301,7 @@ impl Tap {
         // SAFETY: TUNSETPERSIST takes its argument by value.
         let rc = unsafe {
             libc::ioctl(
-                self.fd.as_raw_fd(),
+                self.queue(0).as_raw_fd(),
                 TUNSETPERSIST,
                 libc::c_ulong::from(persist),
             )
@@ -231,14 +312,14 @@ impl Tap {
         Ok(())
     }
 
-    /// Reads one frame into `buf`. `Ok(Ok(()))`: a frame with valid offload
-    /// metadata; `Ok(Err(_))`: a frame whose vnet header we refuse (drop it);
-    /// `Err(WouldBlock)`: nothing to read.
-    pub fn recv(&self, buf: &mut PacketBuf) -> io::Result<Result<(), OffloadError>> {
+    /// Reads one frame from queue `q` into `buf`. `Ok(Ok(()))`: a frame
+    /// with valid offload metadata; `Ok(Err(_))`: a frame whose vnet header
+    /// we refuse (drop it); `Err(WouldBlock)`: nothing to read.
+    pub fn recv(&self, q: usize, buf: &mut PacketBuf) -> io::Result<Result<(), OffloadError>> {
         let mut hdr = [0u8; VNET_HDR_LEN];
         let n = {
             let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf.rx_area())];
-            rustix::io::readv(&self.fd, &mut iov)?
+            rustix::io::readv(self.queue(q), &mut iov)?
         };
         if n < VNET_HDR_LEN {
             buf.set_received(0);
@@ -254,11 +335,13 @@ impl Tap {
         }
     }
 
-    /// Writes one frame with its offload metadata.
+    /// Writes one frame with its offload metadata, on the calling thread's
+    /// queue (see [`set_thread_queue`]).
     pub fn send(&self, offload: &Offload, frame: &[u8]) -> io::Result<()> {
         let hdr = offload.to_vnet_hdr();
         let iov = [IoSlice::new(&hdr), IoSlice::new(frame)];
-        let n = rustix::io::writev(&self.fd, &iov)?;
+        let q = TX_QUEUE.with(std::cell::Cell::get);
+        let n = rustix::io::writev(self.queue(q), &iov)?;
         if n != VNET_HDR_LEN + frame.len() {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -270,8 +353,9 @@ impl Tap {
 }
 
 impl AsFd for Tap {
+    /// Queue 0.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.queue(0).as_fd()
     }
 }
 

@@ -72,6 +72,7 @@ struct RawSwitch {
     mac_table_size: Option<usize>,
     mac_aging_secs: Option<u64>,
     workers: Option<usize>,
+    tap_queues: Option<usize>,
     metrics_listen: Option<String>,
     max_connections_per_port: Option<usize>,
 }
@@ -153,6 +154,9 @@ pub struct SwitchSettings {
     pub mac_aging: Duration,
     /// Data-plane threads; 0 means half the CPU cores, at least one.
     pub workers: usize,
+    /// Queues per tap the switch creates: 0 means one per worker, 1 turns
+    /// multi-queue off.
+    pub tap_queues: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Default tracked-connection cap per port (security groups).
@@ -984,6 +988,15 @@ impl Validator {
                 format!("workers {workers} is more than {MAX_WORKERS}; use 0 for one per core"),
             );
         }
+        let tap_queues = s.tap_queues.unwrap_or(0);
+        if tap_queues > MAX_WORKERS {
+            self.problem(
+                "[switch]",
+                format!(
+                    "tap_queues {tap_queues} is more than {MAX_WORKERS}; use 0 for one per worker"
+                ),
+            );
+        }
         let metrics_listen = match s.metrics_listen.as_deref().map(str::parse) {
             None => None,
             Some(Ok(a)) => Some(a),
@@ -1011,6 +1024,7 @@ impl Validator {
             mac_table_size,
             mac_aging: Duration::from_secs(aging),
             workers,
+            tap_queues,
             metrics_listen,
             max_connections_per_port,
         }

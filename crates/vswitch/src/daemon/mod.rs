@@ -339,6 +339,11 @@ impl Daemon {
         let Some(workers) = workers_guard.as_ref() else {
             return Ok(ReloadReport::default());
         };
+        // Taps that exist keep their queues; new ones get this many.
+        let tap_queues = match new.switch.tap_queues {
+            0 => workers.len(),
+            n => n,
+        };
         if let Some(ul) = &self.underlay {
             let me = new.local_host.as_deref().and_then(|h| new.host(h));
             let same = me.is_some_and(|h| h.addr == ul.local)
@@ -370,20 +375,22 @@ impl Daemon {
             });
             if !reusable {
                 let (home, home_mac) = lab_home(&new, p);
-                let tap = open_port_tap(p, &home, home_mac).map_err(|source| ApplyError::Tap {
-                    port: p.name.clone(),
-                    tap: p.tap.clone(),
-                    hint: match source.raw_os_error() {
-                        Some(libc::EBUSY) => {
-                            "; another process holds that tap: stop it or set another tap name"
-                        }
-                        Some(libc::EINVAL) => {
-                            "; an interface of another kind has that name: set another tap name"
-                        }
-                        Some(libc::EPERM) => "; vswitchd needs CAP_NET_ADMIN (run as root)",
-                        _ => "",
-                    },
-                    source,
+                let tap = open_port_tap(p, &home, home_mac, tap_queues).map_err(|source| {
+                    ApplyError::Tap {
+                        port: p.name.clone(),
+                        tap: p.tap.clone(),
+                        hint: match source.raw_os_error() {
+                            Some(libc::EBUSY) => {
+                                "; another process holds that tap: stop it or set another tap name"
+                            }
+                            Some(libc::EINVAL) => {
+                                "; an interface of another kind has that name: set another tap name"
+                            }
+                            Some(libc::EPERM) => "; vswitchd needs CAP_NET_ADMIN (run as root)",
+                            _ => "",
+                        },
+                        source,
+                    }
                 })?;
                 opened.insert(
                     p.name.clone(),
@@ -808,7 +815,22 @@ impl Daemon {
     /// `show` data (see docs/cli.md).
     pub fn show(&self) -> Value {
         let snap = self.shared.load();
-        let workers = self.workers.lock().as_ref().map_or(0, |w| w.len());
+        let (workers, worker_stats) = self.workers.lock().as_ref().map_or((0, vec![]), |w| {
+            let stats = w
+                .stats()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    json!({
+                        "worker": i,
+                        "tap_rx_packets": s.tap_rx_packets.load(Ordering::Relaxed),
+                        "tap_rx_bytes": s.tap_rx_bytes.load(Ordering::Relaxed),
+                        "wakeups": s.wakeups.load(Ordering::Relaxed),
+                    })
+                })
+                .collect::<Vec<Value>>();
+            (w.len(), stats)
+        });
         let caps = snap
             .iter_ports()
             .next()
@@ -842,7 +864,8 @@ impl Daemon {
                     "name": p.name, "tenant": p.tenant,
                     "network": net.map(|n| n.cfg.name.as_str()),
                     "vni": net.map(|n| n.cfg.vni),
-                    "tap": p.tap.tap.name(), "mac": p.mac.to_string(),
+                    "tap": p.tap.tap.name(), "tap_queues": p.tap.tap.queues(),
+                    "mac": p.mac.to_string(),
                     "ip": p.ip.map(|i| i.to_string()), "port_security": p.port_security,
                     "kind": p.kind.as_str(),
                     "link": if p.tap.detached.load(Ordering::Relaxed) { "detached" } else { "up" },
@@ -892,6 +915,7 @@ impl Daemon {
             "uptime_secs": self.started.elapsed().as_secs(),
             "underlay": underlay,
             "workers": workers,
+            "worker_stats": worker_stats,
             "offloads": caps,
             "networks": networks,
             "ports": ports,
@@ -972,20 +996,24 @@ fn drop_map(get: impl Fn(DropReason) -> u64) -> (BTreeMap<&'static str, u64>, u6
 /// renamed it `eth0`; found by the port's MAC); otherwise a new one. Either
 /// way it is made persistent, so a crash of the switch leaves the VM's NIC
 /// in place for the next run.
-fn open_port_tap(p: &Port, home: &str, home_mac: MacAddr) -> std::io::Result<Tap> {
+fn open_port_tap(p: &Port, home: &str, home_mac: MacAddr, queues: usize) -> std::io::Result<Tap> {
     let here = std::path::Path::new("/sys/class/net").join(&p.tap).exists();
     let lab_ns = std::path::Path::new("/run/netns").join(home);
     let tap = match (here, !home.is_empty() && lab_ns.exists()) {
-        (false, true) => match Tap::attach_in_netns(&lab_ns, home_mac.0) {
+        (false, true) => match Tap::attach_in_netns(&lab_ns, home_mac.0, queues) {
             Ok(Some(t)) => {
                 tracing::info!(port = %p.name, netns = %lab_ns.display(), dev = t.name(),
                     "re-attached the port's persistent tap");
                 t
             }
-            _ => Tap::open(&p.tap)?,
+            _ => Tap::open_queues(&p.tap, queues)?,
         },
-        _ => Tap::open(&p.tap)?,
+        _ => Tap::open_queues(&p.tap, queues)?,
     };
+    if tap.queues() < queues {
+        tracing::info!(port = %p.name, dev = tap.name(), queues = tap.queues(),
+            "the tap exists single-queue; its traffic stays on one worker");
+    }
     if let Err(e) = tap.set_persist(true) {
         tracing::warn!(port = %p.name, error = %e, "tap not persistent; a crash removes it");
     }

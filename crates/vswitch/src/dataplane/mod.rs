@@ -1,7 +1,9 @@
 //! Data-plane workers and the snapshot they read.
 //!
 //! Each worker thread owns an epoll set holding the receive side of some
-//! ports (port id modulo the number of workers). On wake-up it reads the
+//! ports: of a single-queue tap, worker `port id % workers` reads it; of a
+//! multi-queue tap (the default with several workers), every worker reads
+//! and writes its own queue (see [`crate::tap`]). On wake-up it reads the
 //! clock once, loads the current [`Snapshot`] once (an `arc-swap` load, no
 //! lock), and runs every frame it reads to completion: decide, then write to
 //! the egress tap(s). Reads per port per wake-up are bounded by
@@ -54,6 +56,12 @@ const MAX_EVENTS: usize = 64;
 const WAKE_TOKEN: u64 = u64::MAX;
 /// epoll user data of the worker's underlay socket.
 const UNDERLAY_TOKEN: u64 = u64::MAX - 1;
+
+/// epoll user data of a port's tap queue: the queue in the high 32 bits,
+/// the port id in the low 32.
+fn port_token(id: PortId, queue: usize) -> u64 {
+    ((queue as u64) << 32) | u64::from(id)
+}
 
 /// Per-port counters, shared by all workers (relaxed atomics: they are
 /// statistics, not synchronisation). They survive reloads.
@@ -535,10 +543,24 @@ pub fn inject(port: &PortRt, frame: &[u8]) {
     transmit_local(port, &buf);
 }
 
+/// One worker's counters (written only by that worker; aligned apart so
+/// workers do not share cache lines).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerStats {
+    /// Frames read from taps.
+    pub tap_rx_packets: AtomicU64,
+    /// Bytes of those frames.
+    pub tap_rx_bytes: AtomicU64,
+    /// Returns from `epoll_wait` with work.
+    pub wakeups: AtomicU64,
+}
+
 /// The worker threads.
 #[derive(Debug)]
 pub struct Workers {
     epolls: Vec<Arc<OwnedFd>>,
+    stats: Vec<Arc<WorkerStats>>,
     wake: Arc<OwnedFd>,
     stop: Arc<AtomicBool>,
     handles: Vec<JoinHandle<()>>,
@@ -552,7 +574,8 @@ impl Workers {
         let stop = Arc::new(AtomicBool::new(false));
         let mut epolls = Vec::with_capacity(n);
         let mut handles = Vec::with_capacity(n);
-        for i in 0..n {
+        let stats: Vec<Arc<WorkerStats>> = (0..n).map(|_| Arc::default()).collect();
+        for (i, st) in stats.iter().enumerate() {
             let ep = Arc::new(epoll::create(epoll::CreateFlags::CLOEXEC)?);
             epoll::add(
                 &*ep,
@@ -560,15 +583,16 @@ impl Workers {
                 epoll::EventData::new_u64(WAKE_TOKEN),
                 epoll::EventFlags::IN,
             )?;
-            let (ep2, shared2, stop2) = (ep.clone(), shared.clone(), stop.clone());
+            let (ep2, shared2, stop2, st2) = (ep.clone(), shared.clone(), stop.clone(), st.clone());
             let h = std::thread::Builder::new()
                 .name(format!("vs-worker-{i}"))
-                .spawn(move || worker_loop(i, &ep2, &shared2, &stop2))?;
+                .spawn(move || worker_loop(i, &ep2, &shared2, &stop2, &st2))?;
             epolls.push(ep);
             handles.push(h);
         }
         Ok(Workers {
             epolls,
+            stats,
             wake,
             stop,
             handles,
@@ -580,6 +604,11 @@ impl Workers {
         self.epolls.len()
     }
 
+    /// Each worker's counters, by worker index.
+    pub fn stats(&self) -> &[Arc<WorkerStats>] {
+        &self.stats
+    }
+
     /// Always false (at least one worker runs).
     pub fn is_empty(&self) -> bool {
         self.epolls.is_empty()
@@ -589,15 +618,35 @@ impl Workers {
         &self.epolls[id as usize % self.epolls.len()]
     }
 
+    /// The (worker epoll, tap queue) pairs that poll a port: with one queue,
+    /// worker `id % workers` reads it; with several, worker `i` reads queue
+    /// `i % queues`.
+    fn pollers<'a>(
+        &'a self,
+        id: PortId,
+        tap: &TapHandle,
+    ) -> impl Iterator<Item = (&'a OwnedFd, usize)> + 'a {
+        let queues = tap.tap.queues();
+        let single = (queues == 1).then(|| (self.epoll_of(id), 0));
+        let multi = (queues > 1)
+            .then(|| self.epolls.iter().enumerate())
+            .into_iter()
+            .flatten()
+            .map(move |(i, ep)| (&**ep, i % queues));
+        single.into_iter().chain(multi)
+    }
+
     /// Starts polling port `id`'s tap. The port must already be in the
     /// published snapshot.
     pub fn register(&self, id: PortId, tap: &TapHandle) -> io::Result<()> {
-        epoll::add(
-            self.epoll_of(id),
-            tap.tap.as_fd(),
-            epoll::EventData::new_u64(u64::from(id)),
-            epoll::EventFlags::IN,
-        )?;
+        for (ep, q) in self.pollers(id, tap) {
+            epoll::add(
+                ep,
+                tap.tap.queue_fd(q),
+                epoll::EventData::new_u64(port_token(id, q)),
+                epoll::EventFlags::IN,
+            )?;
+        }
         Ok(())
     }
 
@@ -618,8 +667,10 @@ impl Workers {
 
     /// Stops polling port `id`'s tap (before it leaves the snapshot).
     pub fn unregister(&self, id: PortId, tap: &TapHandle) {
-        // ENOENT: a worker already removed it after a fatal read error.
-        let _ = epoll::delete(self.epoll_of(id), tap.tap.as_fd());
+        for (ep, q) in self.pollers(id, tap) {
+            // ENOENT: a worker already removed it after a fatal read error.
+            let _ = epoll::delete(ep, tap.tap.queue_fd(q));
+        }
     }
 
     /// Stops and joins all workers.
@@ -640,6 +691,9 @@ pub(crate) struct Scratch {
     aux: PacketBuf,
     /// Underlay I/O (send trains, receive slots, GRO).
     overlay: overlay::OverlayScratch,
+    /// Frames and bytes read from taps since the last flush to
+    /// [`WorkerStats`].
+    tap_rx: (u64, u64),
 }
 
 impl Scratch {
@@ -648,12 +702,20 @@ impl Scratch {
             buf: PacketBuf::new(),
             aux: PacketBuf::new(),
             overlay: overlay::OverlayScratch::default(),
+            tap_rx: (0, 0),
         }
     }
 }
 
-fn worker_loop(idx: usize, ep: &OwnedFd, shared: &ArcSwap<Snapshot>, stop: &AtomicBool) {
+fn worker_loop(
+    idx: usize,
+    ep: &OwnedFd,
+    shared: &ArcSwap<Snapshot>,
+    stop: &AtomicBool,
+    stats: &WorkerStats,
+) {
     tracing::debug!(worker = idx, "worker started");
+    crate::tap::set_thread_queue(idx);
     let mut events: Vec<epoll::Event> = Vec::with_capacity(MAX_EVENTS);
     let mut sc = Scratch::new();
     while !stop.load(Ordering::Relaxed) {
@@ -682,22 +744,35 @@ fn worker_loop(idx: usize, ep: &OwnedFd, shared: &ArcSwap<Snapshot>, stop: &Atom
                 }
                 continue;
             }
-            let Ok(id) = PortId::try_from(token) else {
-                continue;
-            };
+            // Truncation intended: the low 32 bits are the port id.
+            let id = token as PortId;
+            let queue = (token >> 32) as usize;
             // A port removed by a reload since the event was queued.
             let Some(port) = snap.port(id) else { continue };
-            poll_port(ep, &snap, port, &mut sc, now);
+            poll_port(ep, &snap, port, queue, &mut sc, now);
         }
+        stats.wakeups.fetch_add(1, Ordering::Relaxed);
+        let (pkts, bytes) = std::mem::take(&mut sc.tap_rx);
+        stats.tap_rx_packets.fetch_add(pkts, Ordering::Relaxed);
+        stats.tap_rx_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
     tracing::debug!(worker = idx, "worker stopped");
 }
 
 /// Reads up to [`RX_BATCH`] frames from `port` and runs each to completion.
-fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, sc: &mut Scratch, now: Timestamp) {
+fn poll_port(
+    ep: &OwnedFd,
+    snap: &Snapshot,
+    port: &PortRt,
+    queue: usize,
+    sc: &mut Scratch,
+    now: Timestamp,
+) {
     for _ in 0..RX_BATCH {
-        match port.tap.tap.recv(&mut sc.buf) {
+        match port.tap.tap.recv(queue, &mut sc.buf) {
             Ok(Ok(())) => {
+                sc.tap_rx.0 += 1;
+                sc.tap_rx.1 += sc.buf.len() as u64;
                 port.counters.rx_packets.fetch_add(1, Ordering::Relaxed);
                 port.counters
                     .rx_bytes
@@ -725,7 +800,7 @@ fn poll_port(ep: &OwnedFd, snap: &Snapshot, port: &PortRt, sc: &mut Scratch, now
                     tracing::warn!(port = %port.name, tap = port.tap.tap.name(), error = %e,
                         "tap read failed; port detached until the next reload");
                 }
-                let _ = epoll::delete(ep, port.tap.tap.as_fd());
+                let _ = epoll::delete(ep, port.tap.tap.queue_fd(queue));
                 return;
             }
         }
