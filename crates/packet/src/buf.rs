@@ -154,6 +154,16 @@ impl PacketBuf {
         true
     }
 
+    /// [`PacketBuf::append`] that also returns the [`crate::checksum::sum`]
+    /// of `bytes`, computed while copying them (GRO verifies each merged
+    /// payload); `None` and no change if they do not fit.
+    pub fn append_summed(&mut self, bytes: &[u8]) -> Option<u64> {
+        let dst = self.data.get_mut(self.end..self.end + bytes.len())?;
+        let s = crate::checksum::copy_and_sum(dst, bytes);
+        self.end += bytes.len();
+        Some(s)
+    }
+
     /// Cuts the frame to `len` bytes (no-op if already shorter).
     pub fn truncate(&mut self, len: usize) {
         if len < self.len() {
@@ -203,6 +213,18 @@ mod tests {
         assert!(!b.append(&[3]));
         assert_eq!(b.len(), 100);
         assert!(b.append(&[]));
+    }
+
+    #[test]
+    fn append_summed_copies_and_sums() {
+        let mut b = PacketBuf::with_capacity(100);
+        assert!(b.replace_frame(&[1; 60]));
+        let tail: Vec<u8> = (0..39).collect();
+        assert_eq!(b.append_summed(&tail), Some(crate::checksum::sum(&tail)));
+        assert_eq!(&b.frame()[60..], &tail[..]);
+        assert_eq!(b.append_summed(&[3, 4]), None);
+        assert_eq!(b.len(), 99);
+        assert_eq!(b.append_summed(&[]), Some(0));
     }
 
     #[test]

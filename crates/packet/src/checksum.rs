@@ -37,12 +37,66 @@ pub fn sum(data: &[u8]) -> u64 {
     let mut lanes = [0u64; 4];
     let mut blocks = data.chunks_exact(16);
     for b in &mut blocks {
-        for (lane, w) in lanes.iter_mut().zip(b.chunks_exact(4)) {
-            *lane += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
-        }
+        add_block(&mut lanes, b);
     }
-    let mut acc = lanes[0] + lanes[1] + lanes[2] + lanes[3];
-    let rest = blocks.remainder();
+    finish(lanes.iter().sum(), blocks.remainder())
+}
+
+/// Copies `src` into `dst` and returns [`sum`]`(src)`, in one pass over the
+/// bytes (segmentation and GRO move every payload byte once and must sum it
+/// too; a second pass costs about as much again). Bit-identical to
+/// `dst.copy_from_slice(src); sum(src)`.
+///
+/// # Panics
+///
+/// When the lengths differ (as [`slice::copy_from_slice`]).
+#[inline]
+pub fn copy_and_sum(dst: &mut [u8], src: &[u8]) -> u64 {
+    assert_eq!(dst.len(), src.len(), "copy_and_sum: length mismatch");
+    // 64 bytes per iteration as four explicit 16-byte steps into one set
+    // of lanes: written as an inner loop, LLVM turns the copies into a
+    // memcpy call and sums in a second pass (what this function is meant to
+    // avoid); with a lane set per step it runs out of SIMD registers and
+    // falls back to scalar adds.
+    let mut lanes = [0u64; 4];
+    let mut to = dst.chunks_exact_mut(64);
+    let mut from = src.chunks_exact(64);
+    for (d, s) in (&mut to).zip(&mut from) {
+        copy_add_block(&mut lanes, &mut d[..16], &s[..16]);
+        copy_add_block(&mut lanes, &mut d[16..32], &s[16..32]);
+        copy_add_block(&mut lanes, &mut d[32..48], &s[32..48]);
+        copy_add_block(&mut lanes, &mut d[48..], &s[48..]);
+    }
+    let mut to = to.into_remainder().chunks_exact_mut(16);
+    let mut from = from.remainder().chunks_exact(16);
+    for (d, s) in (&mut to).zip(&mut from) {
+        copy_add_block(&mut lanes, d, s);
+    }
+    let rest = from.remainder();
+    to.into_remainder().copy_from_slice(rest);
+    finish(lanes.iter().sum(), rest)
+}
+
+/// Adds the four native-endian 32-bit words of a 16-byte block to the lanes.
+#[inline(always)]
+fn add_block(lanes: &mut [u64; 4], block: &[u8]) {
+    for (lane, w) in lanes.iter_mut().zip(block.chunks_exact(4)) {
+        *lane += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
+    }
+}
+
+/// [`add_block`] of `src` that also copies it to `dst` (same length).
+#[inline(always)]
+fn copy_add_block(lanes: &mut [u64; 4], dst: &mut [u8], src: &[u8]) {
+    dst.copy_from_slice(src);
+    add_block(lanes, src);
+}
+
+/// Adds the last `rest.len() < 16` bytes to the native-endian total `acc`
+/// of the blocks before them and turns it into the big-endian sum. Shared
+/// by [`sum`] and [`copy_and_sum`] so both treat odd tails alike.
+#[inline(always)]
+fn finish(mut acc: u64, rest: &[u8]) -> u64 {
     let mut words = rest.chunks_exact(4);
     for w in &mut words {
         acc += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
@@ -271,7 +325,60 @@ mod tests {
         data
     }
 
+    #[test]
+    fn copy_and_sum_equals_copy_then_sum() {
+        // Every length across the 64- and 16-byte block boundaries and the
+        // odd tails, at every source and destination misalignment.
+        let src: Vec<u8> = (0..320u32).map(|i| (i * 151 + 7) as u8).collect();
+        for len in 0..=300 {
+            for s_off in 0..4 {
+                for d_off in 0..4 {
+                    let from = &src[s_off..s_off + len];
+                    let mut dst = vec![0xa5u8; len + 8];
+                    let got = copy_and_sum(&mut dst[d_off..d_off + len], from);
+                    assert_eq!(got, sum(from), "len {len} src+{s_off} dst+{d_off}");
+                    assert_eq!(&dst[d_off..d_off + len], from);
+                    // Nothing written outside `dst`.
+                    assert!(dst[..d_off].iter().all(|&b| b == 0xa5));
+                    assert!(dst[d_off + len..].iter().all(|&b| b == 0xa5));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn copy_and_sum_all_ones() {
+        // Largest words everywhere: the lanes' carries must all survive.
+        let src = vec![0xffu8; 65_536];
+        let mut dst = vec![0u8; src.len()];
+        let s = copy_and_sum(&mut dst, &src);
+        assert_eq!(s, sum(&src));
+        assert_eq!(fold(s), 0xffff);
+        assert_eq!(dst, src);
+    }
+
+    #[test]
+    #[should_panic(expected = "length mismatch")]
+    fn copy_and_sum_rejects_length_mismatch() {
+        copy_and_sum(&mut [0; 3], &[1, 2]);
+    }
+
     proptest! {
+        #[test]
+        fn copy_and_sum_matches_copy_then_sum(
+            data in proptest::collection::vec(any::<u8>(), 0..5000),
+            off in 0usize..16,
+        ) {
+            let src = &data[off.min(data.len())..];
+            let mut dst = vec![0u8; src.len()];
+            let got = copy_and_sum(&mut dst, src);
+            let mut want = vec![0u8; src.len()];
+            want.copy_from_slice(src);
+            prop_assert_eq!(got, sum(&want));
+            prop_assert_eq!(checksum(&dst), reference(src));
+            prop_assert_eq!(dst, want);
+        }
+
         #[test]
         fn fast_sum_matches_reference(data in proptest::collection::vec(any::<u8>(), 0..2000)) {
             prop_assert_eq!(checksum(&data), reference(&data));

@@ -113,7 +113,9 @@ struct FlowId {
     dst_port: u16,
 }
 
-/// A coalescable, verified TCP segment.
+/// A coalescable TCP segment, its IPv4 header checksum verified. Its TCP
+/// checksum is checked where the payload is read anyway: while it is copied
+/// into a held super-frame, else on its own ([`Seg::payload_ok`]).
 #[derive(Debug, Clone, Copy)]
 struct Seg<'a> {
     flow: FlowId,
@@ -126,6 +128,15 @@ struct Seg<'a> {
     df: bool,
     ip_id: u16,
     payload: &'a [u8],
+    /// Pseudo-header and TCP header sum (set by [`classify`]).
+    hdr_sum: u64,
+}
+
+impl Seg<'_> {
+    /// Whether the TCP checksum verifies, given the payload's sum.
+    fn payload_ok(&self, payload_sum: u64) -> bool {
+        fold(add(self.hdr_sum, payload_sum)) == 0xffff
+    }
 }
 
 /// What a frame is to GRO.
@@ -134,9 +145,9 @@ enum Class<'a> {
     Other,
     /// TCP that cannot be merged: flush its flow, then pass it through.
     Tcp(FlowId),
-    /// Would be coalescable, but a checksum does not verify.
+    /// Would be coalescable, but a header checksum does not verify.
     BadCsum(FlowId),
-    /// Coalescable and verified.
+    /// Coalescable, TCP checksum still to verify.
     Seg(Seg<'a>),
 }
 
@@ -202,10 +213,10 @@ fn classify(frame: &[u8]) -> Class<'_> {
     let Some(seg) = coalescable(frame, &key, flow, flags) else {
         return Class::Tcp(flow);
     };
-    if !checksums_ok(frame, &seg) {
-        return Class::BadCsum(flow);
+    match header_sum(frame, &seg) {
+        Some(hdr_sum) => Class::Seg(Seg { hdr_sum, ..seg }),
+        None => Class::BadCsum(flow),
     }
-    Class::Seg(seg)
 }
 
 /// The segment, if its headers allow merging (checksums not yet checked).
@@ -266,17 +277,20 @@ fn coalescable<'a>(frame: &'a [u8], key: &FlowKey, flow: FlowId, flags: u8) -> O
         df,
         ip_id,
         payload,
+        hdr_sum: 0,
     })
 }
 
-fn checksums_ok(frame: &[u8], seg: &Seg<'_>) -> bool {
+/// The sum of the TCP pseudo header and TCP header (a multiple of 4 bytes,
+/// so the payload's sum adds to it), or `None` if the IPv4 header checksum
+/// does not verify.
+fn header_sum(frame: &[u8], seg: &Seg<'_>) -> Option<u64> {
     if !seg.v6 && !frame.get(seg.l3..seg.l4).is_some_and(verify) {
-        return false;
+        return None;
     }
-    let Some(tcp) = frame.get(seg.l4..) else {
-        return false;
-    };
-    pseudo(seg.flow.src, seg.flow.dst, tcp.len()).is_some_and(|p| fold(add(p, sum(tcp))) == 0xffff)
+    let tcp_len = frame.len().checked_sub(seg.l4)?;
+    let hdr = frame.get(seg.l4..seg.hdr_len)?;
+    Some(add(pseudo(seg.flow.src, seg.flow.dst, tcp_len)?, sum(hdr)))
 }
 
 /// State of a held super-frame (its bytes are in the slot's buffer).
@@ -445,11 +459,7 @@ impl Gro {
                 self.flush_flow(&flow, emit);
                 self.pass(frame, emit);
             }
-            Class::BadCsum(flow) => {
-                self.stats.csum_failures += 1;
-                self.flush_flow(&flow, emit);
-                self.pass(frame, emit);
-            }
+            Class::BadCsum(flow) => self.bad_csum(&flow, frame, emit),
             Class::Seg(seg) => self.offer(frame, &seg, emit),
         }
     }
@@ -477,6 +487,14 @@ impl Gro {
             .sum()
     }
 
+    /// A segment whose TCP or IPv4 header checksum fails: its flow's held
+    /// data goes first, then the segment unchanged.
+    fn bad_csum(&mut self, flow: &FlowId, frame: &[u8], emit: &mut dyn FnMut(&PacketBuf)) {
+        self.stats.csum_failures += 1;
+        self.flush_flow(flow, emit);
+        self.pass(frame, emit);
+    }
+
     fn offer(&mut self, frame: &[u8], seg: &Seg<'_>, emit: &mut dyn FnMut(&PacketBuf)) {
         let found = self
             .slots
@@ -486,7 +504,15 @@ impl Gro {
             let slot = &mut self.slots[i];
             if let Some(h) = slot.held.as_mut() {
                 if let Some(fixed_id) = h.accepts(slot.buf.frame(), frame, seg) {
-                    if slot.buf.append(seg.payload) {
+                    // Copy the payload and sum it in one pass; the held
+                    // frame only keeps it if the checksum verifies.
+                    let held_len = slot.buf.len();
+                    if let Some(payload_sum) = slot.buf.append_summed(seg.payload) {
+                        if !seg.payload_ok(payload_sum) {
+                            slot.buf.truncate(held_len);
+                            self.bad_csum(&seg.flow, frame, emit);
+                            return;
+                        }
                         h.fixed_id = fixed_id;
                         h.segs += 1;
                         h.total += seg.payload.len();
@@ -500,7 +526,14 @@ impl Gro {
                     }
                 }
             }
-            emit_slot(slot, &mut self.stats, emit);
+        }
+        // Not merged: a failing segment is passed through, never held.
+        if !seg.payload_ok(sum(seg.payload)) {
+            self.bad_csum(&seg.flow, frame, emit);
+            return;
+        }
+        if let Some(i) = found {
+            emit_slot(&mut self.slots[i], &mut self.stats, emit);
         }
         self.clock += 1;
         let held = Held::start(seg, self.clock);
@@ -1125,6 +1158,10 @@ mod tests {
             let out = run(&mut g, &[a.clone(), b.clone(), bad.clone(), c.clone()]);
             assert_eq!(out.len(), 3);
             assert!(out[0].0.is_gso());
+            // The failed segment's payload, copied while it was summed,
+            // left no trace in the held super-frame.
+            let ab = run(&mut Gro::new(4), &[a.clone(), b.clone()]);
+            assert_eq!(out[0], ab[0]);
             assert_eq!(out[1], (Offload::NONE, bad.clone()));
             assert_eq!(out[2], (Offload::NONE, c));
             assert_eq!(g.stats().csum_failures, 1);
@@ -1134,6 +1171,15 @@ mod tests {
             let mut out = Vec::new();
             push_all(&mut g, std::slice::from_ref(&bad), &mut out);
             assert_eq!(out, vec![(Offload::NONE, bad)]);
+            // A bad TCP checksum field (header, not payload) on a segment
+            // that would merge.
+            let mut bad_field = frame(&p, 200, &data(200, 100), ACK, 3);
+            let l4 = 14 + if v6 { 40 } else { 20 };
+            bad_field[l4 + 16] ^= 0x01;
+            let mut g = Gro::new(4);
+            let out = run(&mut g, &[a.clone(), b.clone(), bad_field.clone()]);
+            assert_eq!(out, vec![ab[0].clone(), (Offload::NONE, bad_field)]);
+            assert_eq!(g.stats().csum_failures, 1);
         }
         // IPv4 header checksum
         let p = P::default();

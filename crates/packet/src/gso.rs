@@ -272,6 +272,11 @@ pub fn segment_append(
         out.extend_from_slice(prefix);
         let seg_at = out.len();
         out.extend_from_slice(hdr);
+        // Copied, then summed below while in L1. Not fused with
+        // `checksum::copy_and_sum`: a Vec must be zero-filled before it can
+        // be written as a slice (no `unsafe` here), and that extra pass
+        // costs more than the re-read (fused was ~5% slower in the
+        // `gso/segment_append_tcp4_64k` bench).
         out.extend_from_slice(chunk);
         let seg = &mut out[seg_at..];
         let l4_len = l4_hlen + chunk.len();
