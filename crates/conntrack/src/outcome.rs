@@ -260,6 +260,25 @@ impl Stats {
         )
     }
 
+    /// Adds `other`'s counters to these (the totals of a table kept in
+    /// several parts).
+    pub fn merge(&mut self, other: &Stats) {
+        self.created += other.created;
+        self.expired += other.expired;
+        self.removed += other.removed;
+        self.imported += other.imported;
+        self.refused_global += other.refused_global;
+        self.refused_port += other.refused_port;
+        self.commit_exists += other.commit_exists;
+        self.related += other.related;
+        for (a, b) in self.invalid.iter_mut().zip(other.invalid.iter()) {
+            *a += b;
+        }
+        for (a, b) in self.untracked.iter_mut().zip(other.untracked.iter()) {
+            *a += b;
+        }
+    }
+
     pub(crate) fn count_invalid(&mut self, r: Invalid) {
         if let Some(c) = self.invalid.get_mut(r.index()) {
             *c += 1;

@@ -70,6 +70,19 @@ pub struct ImportReport {
     pub rejected: usize,
 }
 
+impl ImportReport {
+    /// Adds `other`'s counts to these (imports into a table kept in
+    /// several parts).
+    pub fn merge(&mut self, other: &ImportReport) {
+        self.imported += other.imported;
+        self.expired += other.expired;
+        self.conflicts += other.conflicts;
+        self.refused_global += other.refused_global;
+        self.refused_port += other.refused_port;
+        self.rejected += other.rejected;
+    }
+}
+
 /// A snapshot that cannot be imported at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ImportError {

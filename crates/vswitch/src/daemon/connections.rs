@@ -120,23 +120,22 @@ impl Daemon {
             )
         };
         let (sg_total, sg_stats) = {
-            let ct = self.sg_table.lock();
-            for e in ct.entries(now.0) {
+            let ct = &self.sg_table;
+            ct.for_each_entry(now.0, |e| {
                 if zone.is_some_and(|_| tenant_of_port(e.port) != tenant)
                     || port_id.is_some_and(|p| e.port != p)
                 {
-                    continue;
+                    return;
                 }
                 let name = snap
                     .port(e.port)
                     .map_or_else(|| "?".to_string(), |p| format!("port {}", p.name));
-                let mut v =
-                    entry_json(&e, &snap, side(&e.orig, name.clone()), side(&e.reply, name));
+                let mut v = entry_json(e, &snap, side(&e.orig, name.clone()), side(&e.reply, name));
                 v["table"] = json!("sg");
                 v["rule"] = json!({"group": e.ext.rule.group, "rule": e.ext.rule.rule + 1,
                     "direction": e.ext.dir});
                 entries.push(v);
-            }
+            });
             (
                 ct.len(),
                 serde_json::to_value(ct.stats()).unwrap_or_default(),
@@ -159,7 +158,7 @@ impl Daemon {
             .find(|x| x.name == port)
             .map(|x| x.id)
             .ok_or_else(|| format!("no port {port:?} on this host"))?;
-        let sg = self.sg_table.lock().flush_zone(security::zone_of(id));
+        let sg = self.sg_table.flush_zone(security::zone_of(id));
         let nat = self.nat.lock().flush_port(id);
         Ok(json!({"port": port, "flushed": {"sg": sg, "nat": nat}}))
     }
@@ -176,7 +175,7 @@ impl Daemon {
             }
         }
         let firewalls = self.state.lock().firewalls.clone();
-        let ct = self.sg_table.lock();
+        let ct = &self.sg_table;
         let mut tenants: Vec<Value> = Vec::new();
         for t in &cfg.tenants {
             let Some(fw) = firewalls.get(t) else { continue };
@@ -233,7 +232,7 @@ impl Daemon {
                 });
                 Some(json!({
                     "port": p.name, "tenant": p.tenant, "groups": names,
-                    "connections": ct.port_count(p.id), "max_connections": sg.max_connections,
+                    "connections": ct.port_count(security::zone_of(p.id), p.id), "max_connections": sg.max_connections,
                     "drops": drops,
                 }))
             })
@@ -513,7 +512,7 @@ impl Daemon {
             saved_at: unix_secs(),
             ports: self.port_ids(),
             nat: self.nat.lock().export(now),
-            sg: self.sg_table.lock().export(now),
+            sg: self.sg_table.export(now),
             lb: Some(self.lasting.lb.lock().conntrack().export(now)),
         };
         let n = saved.nat.conntrack.entries.len()
@@ -571,7 +570,7 @@ impl Daemon {
             tracing::warn!("ports have other ids than before the restart; security-group connections not restored (established flows of filtered ports start over)");
             return;
         }
-        match self.sg_table.lock().import(saved.sg, now) {
+        match self.sg_table.import(saved.sg, now) {
             Ok(r) => tracing::info!(report = ?r, "security-group connections restored"),
             Err(e) => tracing::warn!(error = %e, "security-group connections not restored"),
         }

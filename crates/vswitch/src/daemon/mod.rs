@@ -32,7 +32,7 @@ use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
 use crate::pipeline::external::UplinkRt;
 use crate::pipeline::router::{Leg, Neighbours, Router};
-use crate::pipeline::security::{self, PortSg, SgTable};
+use crate::pipeline::security::{self, PortSg, SgTables};
 use crate::pipeline::{Addresses, Bridge, DropReason, IpOwner, Leased};
 use crate::tap::Tap;
 use crate::underlay::{PeerCounters, PeerRt, Underlay, VTEP_BASE};
@@ -147,7 +147,7 @@ pub struct Daemon {
     lasting: Lasting,
     /// The load balancers' health-check thread.
     health: Mutex<Option<std::thread::JoinHandle<()>>>,
-    sg_table: SgTable,
+    sg_table: Arc<SgTables>,
     state_dir: std::path::PathBuf,
     /// Set by `vswitchctl restart`; the control loop stops the switch
     /// without removing taps, after saving connections.
@@ -249,13 +249,13 @@ impl Daemon {
             .map_err(|e| ApplyError::Nat(e.to_string()))?;
         let nat = Arc::new(Mutex::new(nat));
         // Per-port caps are the ports' own (`max_connections`, checked by
-        // the stage); the table's is only the global one.
-        let sg_table = conntrack::Conntrack::new(conntrack::Config {
+        // the stage); the table's is only the global one, over all shards.
+        let sg_table = SgTables::new(conntrack::Config {
             max_per_port: usize::MAX,
             ..conntrack::Config::default()
         })
         .map_err(|e| ApplyError::Nat(e.to_string()))?;
-        let sg_table: SgTable = Arc::new(Mutex::new(sg_table));
+        let sg_table = Arc::new(sg_table);
         let lb = lb::Services::new(conntrack::Config::default())
             .map_err(|e| ApplyError::Nat(e.to_string()))?;
         let lasting = Lasting {
@@ -488,21 +488,22 @@ impl Daemon {
         // ICMP ones of every port are judged again by the new rules at once
         // (other connections keep running until they end: docs).
         {
-            let mut ct = self.sg_table.lock();
             for name in removed.iter().chain(report.changed_ports.iter()) {
                 if let Some(old) = st.ports.get(name) {
-                    ct.flush_zone(security::zone_of(old.id));
+                    self.sg_table.flush_zone(security::zone_of(old.id));
                 }
             }
             let now = Timestamp::now().0;
-            let icmp: Vec<conntrack::ConnId> = ct
-                .entries(now)
-                .filter(|e| e.orig.is_icmp())
-                .map(|e| e.id)
-                .collect();
-            for id in icmp {
-                ct.remove(id);
-            }
+            self.sg_table.with_each(|ct| {
+                let icmp: Vec<conntrack::ConnId> = ct
+                    .entries(now)
+                    .filter(|e| e.orig.is_icmp())
+                    .map(|e| e.id)
+                    .collect();
+                for id in icmp {
+                    ct.remove(id);
+                }
+            });
         }
 
         // 3. Stop polling what goes away or gets a new tap; those taps go
@@ -725,7 +726,7 @@ impl Daemon {
         // full table drains over several ticks; lookups never see an
         // expired entry meanwhile).
         self.nat.lock().expire(now.0, 65_536);
-        self.sg_table.lock().expire(now.0, 65_536);
+        self.sg_table.expire(now.0, 65_536);
         self.lasting.lb.lock().expire(now.0, 65_536);
     }
 
@@ -1181,7 +1182,7 @@ struct Kept<'a> {
     uplink_neighbours: &'a Arc<Neighbours>,
     lasting: &'a Lasting,
     firewalls: &'a HashMap<String, Arc<firewall::Firewall>>,
-    sg_table: &'a SgTable,
+    sg_table: &'a Arc<SgTables>,
 }
 
 fn build_snapshot(
