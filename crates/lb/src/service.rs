@@ -135,6 +135,18 @@ pub struct ServiceStats {
     pub dropped: u64,
 }
 
+impl ServiceStats {
+    /// Adds `o`'s counters to these (tables of one host kept apart).
+    pub fn merge(&mut self, o: &ServiceStats) {
+        self.new += o.new;
+        self.forwarded += o.forwarded;
+        self.replied += o.replied;
+        self.rejected += o.rejected;
+        self.hairpin += o.hairpin;
+        self.dropped += o.dropped;
+    }
+}
+
 /// VIPs and the balanced connections of one host.
 #[derive(Debug)]
 pub struct Services {
@@ -274,6 +286,36 @@ impl Services {
         now: u64,
         pick: impl FnOnce(u32, u64) -> Option<(BackendId, SocketAddrV4)>,
     ) -> Forward {
+        self.forward_admitting(
+            zone,
+            port,
+            from_uplink,
+            key,
+            frame,
+            partial,
+            now,
+            pick,
+            &mut || true,
+        )
+    }
+
+    /// [`Services::forward`] for a table that is one of several under a
+    /// shared bound: `admit` is asked just before a new connection would
+    /// be committed (after its backend is chosen); `false` drops it as
+    /// [`LbDrop::Limit`] and commits nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_admitting(
+        &mut self,
+        zone: u32,
+        port: u32,
+        from_uplink: bool,
+        key: &FlowKey,
+        frame: &mut [u8],
+        partial: bool,
+        now: u64,
+        pick: impl FnOnce(u32, u64) -> Option<(BackendId, SocketAddrV4)>,
+        admit: &mut dyn FnMut() -> bool,
+    ) -> Forward {
         let Some((vip, rule, retired)) = self.vip_of(zone, key) else {
             return Forward::NotVip;
         };
@@ -294,6 +336,7 @@ impl Services {
             partial,
             now,
             pick,
+            admit,
         );
         match out {
             Forward::To { new, .. } => {
@@ -323,6 +366,7 @@ impl Services {
         partial: bool,
         now: u64,
         pick: impl FnOnce(u32, u64) -> Option<(BackendId, SocketAddrV4)>,
+        admit: &mut dyn FnMut() -> bool,
     ) -> Forward {
         let Some((src, _, p, sport, dport)) = tuple4(key) else {
             return Forward::NotVip;
@@ -372,6 +416,9 @@ impl Services {
                     backend,
                     external: from_uplink,
                 };
+                if !admit() {
+                    return Forward::Drop(LbDrop::Limit);
+                }
                 let id = match self.ct.commit_with_reply(&nc, reply, now, ext) {
                     Ok(id) => id,
                     Err(e) => {

@@ -247,8 +247,8 @@ impl Daemon {
     pub fn lb(&self) -> Value {
         let cfg = self.config();
         let now = Timestamp::now().0;
-        let conns = self.lasting.lb.lock().connections(now);
-        let stats = self.lasting.lb.lock().stats().clone();
+        let conns = self.lasting.lb.connections(now);
+        let stats = self.lasting.lb.service_stats();
         let status = self.lasting.balancers.status();
         let mut lbs = Vec::new();
         for l in cfg.load_balancers.iter().filter(|l| cfg.runs_lb(l)) {
@@ -513,7 +513,7 @@ impl Daemon {
             ports: self.port_ids(),
             nat: self.nat.lock().export(now),
             sg: self.sg_table.export(now),
-            lb: Some(self.lasting.lb.lock().conntrack().export(now)),
+            lb: Some(self.lasting.lb.export(now)),
         };
         let n = saved.nat.conntrack.entries.len()
             + saved.sg.entries.len()
@@ -556,7 +556,7 @@ impl Daemon {
         }
         // Zones are tenants' (stable); a backend is pinned by its entry.
         if let Some(l) = saved.lb {
-            match self.lasting.lb.lock().conntrack_mut().import(l, now) {
+            match self.lasting.lb.import(l, now) {
                 Ok(r) => tracing::info!(report = ?r, "load-balancer connections restored"),
                 Err(e) => tracing::warn!(error = %e, "load-balancer connections not restored"),
             }

@@ -30,6 +30,7 @@ use crate::dataplane::{NetworkRt, PortCounters, PortKind, PortRt, Snapshot, TapH
 use crate::dhcp_service::{DhcpQueue, DhcpService};
 use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
+use crate::lb_tables::LbTables;
 use crate::pipeline::external::UplinkRt;
 use crate::pipeline::router::{Leg, Neighbours, Router};
 use crate::pipeline::security::{self, PortSg, SgTables};
@@ -158,7 +159,7 @@ pub struct Daemon {
 #[derive(Debug, Clone)]
 struct Lasting {
     nat: Arc<Mutex<nat::Nat>>,
-    lb: Arc<Mutex<lb::Services>>,
+    lb: Arc<LbTables>,
     balancers: Arc<crate::balancer::Balancers>,
 }
 
@@ -250,17 +251,17 @@ impl Daemon {
         let nat = Arc::new(Mutex::new(nat));
         // Per-port caps are the ports' own (`max_connections`, checked by
         // the stage); the table's is only the global one, over all shards.
-        let sg_table = SgTables::new(conntrack::Config {
+        let sg_table = SgTables::new_sg(conntrack::Config {
             max_per_port: usize::MAX,
             ..conntrack::Config::default()
         })
         .map_err(|e| ApplyError::Nat(e.to_string()))?;
         let sg_table = Arc::new(sg_table);
-        let lb = lb::Services::new(conntrack::Config::default())
+        let lb = LbTables::new_lb(conntrack::Config::default())
             .map_err(|e| ApplyError::Nat(e.to_string()))?;
         let lasting = Lasting {
             nat: nat.clone(),
-            lb: Arc::new(Mutex::new(lb)),
+            lb: Arc::new(lb),
             balancers: Arc::default(),
         };
         let shared = Arc::new(ArcSwap::from_pointee(empty_snapshot(
@@ -727,7 +728,7 @@ impl Daemon {
         // expired entry meanwhile).
         self.nat.lock().expire(now.0, 65_536);
         self.sg_table.expire(now.0, 65_536);
-        self.lasting.lb.lock().expire(now.0, 65_536);
+        self.lasting.lb.expire(now.0, 65_536);
     }
 
     /// Asks the control loop for a graceful restart (`vswitchctl
@@ -1124,7 +1125,7 @@ fn compile_firewalls(
 /// Hands this host's VIPs and backends to the balancer's table and returns
 /// the gate the data path checks without its lock (retired VIPs and
 /// backends included, so their connections keep flowing).
-fn lb_gate(cfg: &Config, services: &Mutex<lb::Services>) -> crate::dataplane::LbGate {
+fn lb_gate(cfg: &Config, services: &LbTables) -> crate::dataplane::LbGate {
     let mut vips = HashMap::new();
     let mut backends = HashSet::new();
     let mut gate = crate::dataplane::LbGate::default();
@@ -1160,9 +1161,8 @@ fn lb_gate(cfg: &Config, services: &Mutex<lb::Services>) -> crate::dataplane::Lb
             backends.insert((zone, std::net::SocketAddrV4::new(b.ip, b.port), l.proto));
         }
     }
-    let mut s = services.lock();
-    s.set_rules(vips, backends);
-    for (k, r) in s.vips().chain(s.retired_vips()) {
+    services.set_rules(vips, backends);
+    for (k, r, _) in services.all_vips() {
         gate.vips
             .insert((k.zone, *k.addr.ip(), k.proto, k.addr.port()));
         gate.vip_addrs.insert((k.zone, *k.addr.ip()));
@@ -1170,7 +1170,7 @@ fn lb_gate(cfg: &Config, services: &Mutex<lb::Services>) -> crate::dataplane::Lb
             gate.hairpin.insert((k.zone, h));
         }
     }
-    gate.backends = s.backend_endpoints().collect();
+    gate.backends = services.backend_endpoints().into_iter().collect();
     gate
 }
 

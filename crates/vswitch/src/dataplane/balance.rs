@@ -81,12 +81,9 @@ impl Snapshot {
             let partial = buf.offload.csum.is_some();
             let out = if trace::dry_run() {
                 self.lb
-                    .lock()
                     .preview_reply(zone, key, buf.frame_mut(), partial, now.0)
             } else {
-                self.lb
-                    .lock()
-                    .reply(zone, key, buf.frame_mut(), partial, now.0)
+                self.lb.reply(zone, key, buf.frame_mut(), partial, now.0)
             };
             match out {
                 lb::Reply::NotOurs => return None,
@@ -187,10 +184,9 @@ impl Snapshot {
         let pick = |lb_id, hash| self.balancers.pick(lb_id, hash);
         let out = if trace::dry_run() {
             self.lb
-                .lock()
                 .preview_forward(zone, key, buf.frame_mut(), partial, now.0, pick)
         } else {
-            self.lb.lock().forward(
+            self.lb.forward(
                 zone,
                 ingress.id,
                 from_uplink,
@@ -271,11 +267,7 @@ impl Snapshot {
         let mut c = PacketBuf::from_frame(b.frame());
         c.offload = b.offload;
         let partial = c.offload.csum.is_some();
-        match self
-            .lb
-            .lock()
-            .reply(zone, &key, c.frame_mut(), partial, now.0)
-        {
+        match self.lb.reply(zone, &key, c.frame_mut(), partial, now.0) {
             lb::Reply::To { .. } => Some(c),
             lb::Reply::NotOurs => None,
         }

@@ -239,7 +239,7 @@ pub struct Snapshot {
     /// packets).
     pub routers: std::collections::HashMap<u32, Arc<router::Router>>,
     /// VIPs and balanced connections; kept across reloads.
-    pub lb: Arc<Mutex<lb::Services>>,
+    pub lb: Arc<crate::lb_tables::LbTables>,
     /// Pools and probers; kept across reloads.
     pub balancers: Arc<crate::balancer::Balancers>,
     /// What may be the balancer's, checked without its lock.

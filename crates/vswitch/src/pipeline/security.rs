@@ -13,34 +13,25 @@
 //! already bound their addresses). Frames the switch itself makes (DHCP,
 //! ARP and DNS answers, ICMP errors from the router) are not judged.
 //!
-//! The table ([`SgTables`]) is striped by zone: [`SG_SHARDS`] conntrack
-//! tables, each behind its own lock on its own cache line, a zone living in
-//! shard `zone % SG_SHARDS`. A port's connections are all in its own zone
-//! (committed with the port as creator), so no lookup ever needs another
-//! shard, and workers judging different ports take different locks instead
-//! of one global lock on the packet path. A port's per-port cap stays exact
-//! (its shard's count for it is its count), and the global bound of the
-//! single table it replaced is kept by one atomic total of all shards.
-//! Packets of one port on several workers still share that port's stripe;
-//! the next step would be striping by a symmetric flow hash, with per-port
-//! counts kept outside the shards.
+//! The table ([`SgTables`]) is striped by zone ([`crate::stripes`]): a
+//! port's connections are all in its own zone (committed with the port as
+//! creator), so workers judging different ports take different locks
+//! instead of one global lock on the packet path, and a port's per-port
+//! cap stays exact.
 
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use conntrack::{
-    CommitError, ConnId, Conntrack, EntryView, ImportError, ImportReport, Limit, NewConn, Snapshot,
-    Stats, Track,
-};
+use conntrack::{CommitError, ConnId, Conntrack, Limit, NewConn, Track};
 use firewall::{Direction, Firewall, GroupId, Packet, RuleRef};
 use packet::FlowKey;
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::MutexGuard;
 use serde::{Deserialize, Serialize};
 
 use super::DropReason;
 use crate::clock::Timestamp;
 use crate::fdb::PortId;
+use crate::stripes::Stripes;
 use crate::trace;
 
 /// What the security-group table keeps per connection: the rule that
@@ -53,258 +44,32 @@ pub struct SgConn {
     pub dir: Direction,
 }
 
-/// Number of shards of [`SgTables`]. Fixed rather than derived from the
-/// core count so a zone's shard is the same on every host; 64 is at least
-/// 4x the workers of the hosts this runs on (few ports then collide), and
-/// port ids are small and dense, so the first 64 ports (zones `id + 1`)
-/// never share a lock. Empty shards allocate nothing but their padded
-/// lock.
-pub const SG_SHARDS: usize = 64;
-
-/// Fewest expired entries [`SgTables::expire`] offers each shard per call.
-const EXPIRE_MIN_PER_SHARD: usize = 16;
-
-/// A value alone on its cache line (128 bytes: two 64-byte lines, as the
-/// adjacent-line prefetcher pairs them), so workers writing one never
-/// invalidate another's.
-#[repr(align(128))]
-#[derive(Debug)]
-struct Padded<T>(T);
+/// Number of shards of [`SgTables`].
+pub const SG_SHARDS: usize = crate::stripes::STRIPES;
 
 /// The switch's security-group connection table (all filtered ports; one
-/// zone per port), striped by zone over [`SG_SHARDS`] locks (see the module
-/// doc).
-#[derive(Debug)]
-pub struct SgTables {
-    shards: Box<[Padded<Mutex<Conntrack<SgConn>>>]>,
-    /// Entries in all shards (expired ones not reaped included, as a
-    /// table's `len`), plus commits in flight that reserved a place: never
-    /// above `max_entries`.
-    total: Padded<AtomicUsize>,
-    /// The global bound (the single table's `max_entries`).
-    max_entries: usize,
-    /// New connections refused by the global bound; the shards never
-    /// see it (each one's own cap is the whole bound), so it is counted
-    /// here and added to [`SgTables::stats`].
-    refused_global: AtomicU64,
-    /// Shard [`SgTables::expire`] starts with, so a small `max` reaches
-    /// every shard in turn.
-    expire_from: AtomicUsize,
-}
+/// zone per port), striped by zone (see [`crate::stripes`]).
+pub type SgTables = Stripes<Conntrack<SgConn>>;
 
-/// Applies a shard's size change (`before` -> `after`) to the total.
-fn apply(total: &AtomicUsize, before: usize, after: usize) {
-    if after > before {
-        total.fetch_add(after - before, Ordering::Relaxed);
-    } else if before > after {
-        total.fetch_sub(before - after, Ordering::Relaxed);
-    }
-}
-
-impl SgTables {
+impl Stripes<Conntrack<SgConn>> {
     /// Empty shards with `cfg`'s timeouts and per-port cap; `cfg`'s
     /// `max_entries` bounds all shards together.
-    pub fn new(cfg: conntrack::Config) -> Result<Self, conntrack::ConfigError> {
-        let max_entries = cfg.max_entries;
-        let shards = (0..SG_SHARDS)
-            .map(|_| Conntrack::new(cfg).map(|ct| Padded(Mutex::new(ct))))
-            .collect::<Result<Box<[_]>, _>>()?;
-        Ok(SgTables {
-            shards,
-            total: Padded(AtomicUsize::new(0)),
-            max_entries,
-            refused_global: AtomicU64::new(0),
-            expire_from: AtomicUsize::new(0),
-        })
-    }
-
-    fn shard(&self, zone: u32) -> &Mutex<Conntrack<SgConn>> {
-        // SG_SHARDS is a power of two: the low bits of the zone.
-        &self.shards[zone as usize & (SG_SHARDS - 1)].0
-    }
-
-    /// Runs `f` on a locked shard, keeping the total exact.
-    fn sync<R>(
-        &self,
-        ct: &mut Conntrack<SgConn>,
-        f: impl FnOnce(&mut Conntrack<SgConn>) -> R,
-    ) -> R {
-        let before = ct.len();
-        let r = f(ct);
-        apply(&self.total.0, before, ct.len());
-        r
+    pub fn new_sg(cfg: conntrack::Config) -> Result<Self, conntrack::ConfigError> {
+        Stripes::new(cfg.max_entries, || Conntrack::new(cfg))
     }
 
     /// Locks `zone`'s shard: the packet path's access.
     pub fn lock_zone(&self, zone: u32) -> ZoneGuard<'_> {
         ZoneGuard {
-            ct: self.shard(zone).lock(),
+            ct: self.lock(zone),
             tables: self,
         }
-    }
-
-    /// Runs `f` on every shard in turn, each under its lock (control
-    /// paths). `f` may remove entries; it must not add any (the global
-    /// bound is checked only by [`ZoneGuard::commit`] and
-    /// [`SgTables::import`]).
-    pub fn with_each(&self, mut f: impl FnMut(&mut Conntrack<SgConn>)) {
-        for s in self.shards.iter() {
-            self.sync(&mut s.0.lock(), &mut f);
-        }
-    }
-
-    /// Entries in all shards (as a table's `len`: expired ones not reaped
-    /// yet included).
-    pub fn len(&self) -> usize {
-        self.total.0.load(Ordering::Relaxed)
-    }
-
-    /// True when no shard holds an entry.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The global bound.
-    pub fn max_entries(&self) -> usize {
-        self.max_entries
     }
 
     /// Entries charged to `port` in `zone`'s shard: all of the port's when
     /// `zone` is its zone ([`zone_of`]).
     pub fn port_count(&self, zone: u32, port: u32) -> usize {
-        self.shard(zone).lock().port_count(port)
-    }
-
-    /// The shards' counters summed, with the global bound's refusals.
-    pub fn stats(&self) -> Stats {
-        let mut st = Stats::default();
-        for s in self.shards.iter() {
-            st.merge(s.0.lock().stats());
-        }
-        st.refused_global += self.refused_global.load(Ordering::Relaxed);
-        st
-    }
-
-    /// Calls `f` with every live entry, shard by shard (each under its
-    /// lock in turn, so not one instant for the whole table).
-    pub fn for_each_entry(&self, now: u64, mut f: impl FnMut(&EntryView<'_, SgConn>)) {
-        for s in self.shards.iter() {
-            for e in s.0.lock().entries(now) {
-                f(&e);
-            }
-        }
-    }
-
-    /// Removes `zone`'s entries; how many.
-    pub fn flush_zone(&self, zone: u32) -> usize {
-        self.sync(&mut self.shard(zone).lock(), |ct| ct.flush_zone(zone))
-    }
-
-    /// Reaps up to `max` expired entries over all shards: a fair share
-    /// each (at least [`EXPIRE_MIN_PER_SHARD`] while `max` lasts), then
-    /// what is left of `max` to the shards that used their whole share.
-    pub fn expire(&self, now: u64, max: usize) -> usize {
-        let share = (max / SG_SHARDS).max(EXPIRE_MIN_PER_SHARD);
-        let start = self.expire_from.fetch_add(1, Ordering::Relaxed);
-        let order = || (0..SG_SHARDS).filter_map(|i| self.shards.get((start + i) % SG_SHARDS));
-        let mut left = max;
-        let mut busy = Vec::new();
-        for s in order() {
-            if left == 0 {
-                break;
-            }
-            let n = share.min(left);
-            let done = self.sync(&mut s.0.lock(), |ct| ct.expire(now, n));
-            left -= done;
-            if done == n {
-                busy.push(s);
-            }
-        }
-        for s in busy {
-            if left == 0 {
-                break;
-            }
-            left -= self.sync(&mut s.0.lock(), |ct| ct.expire(now, left));
-        }
-        max - left
-    }
-
-    /// The live entries of all shards as one snapshot (soonest expiry
-    /// first, as a single table's export).
-    pub fn export(&self, now: u64) -> Snapshot<SgConn> {
-        let mut entries = Vec::new();
-        for s in self.shards.iter() {
-            entries.extend(s.0.lock().export(now).entries);
-        }
-        entries.sort_by_key(|e| e.remaining_ns());
-        Snapshot {
-            version: conntrack::SNAPSHOT_VERSION,
-            entries,
-        }
-    }
-
-    /// Imports a snapshot (of [`SgTables::export`] or of a single table),
-    /// each entry into its zone's shard, under the global bound. When the
-    /// bound is reached part-way, the entries left (the longest-lived, as
-    /// a single table refuses them) are counted as expired or refused by
-    /// the bound without further checks.
-    pub fn import(&self, snap: Snapshot<SgConn>, now: u64) -> Result<ImportReport, ImportError> {
-        if snap.version != conntrack::SNAPSHOT_VERSION {
-            return Err(ImportError::Version {
-                found: snap.version,
-            });
-        }
-        let mut entries = snap.entries;
-        entries.sort_by_key(|e| e.remaining_ns());
-        let mut rep = ImportReport::default();
-        let one = |entries: Vec<_>| Snapshot {
-            version: conntrack::SNAPSHOT_VERSION,
-            entries,
-        };
-        if entries.len() <= self.max_entries.saturating_sub(self.len()) {
-            // Room for all: one import per shard (exact expiry order
-            // within each).
-            let mut by_shard: Vec<Vec<_>> = (0..SG_SHARDS).map(|_| Vec::new()).collect();
-            for e in entries {
-                if let Some(v) = by_shard.get_mut(e.orig().zone as usize & (SG_SHARDS - 1)) {
-                    v.push(e);
-                }
-            }
-            for (s, v) in self.shards.iter().zip(by_shard) {
-                if !v.is_empty() {
-                    rep.merge(&self.sync(&mut s.0.lock(), |ct| ct.import(one(v), now))?);
-                }
-            }
-            return Ok(rep);
-        }
-        // Perhaps too many: entry by entry, each reserving its place.
-        for e in entries {
-            if !self.reserve() {
-                if e.remaining_ns() == 0 {
-                    rep.expired += 1;
-                } else {
-                    rep.refused_global += 1;
-                }
-                continue;
-            }
-            let mut ct = self.shard(e.orig().zone).lock();
-            let before = ct.len();
-            let r = ct.import(one(vec![e]), now);
-            // The reserved place stands for the entry.
-            apply(&self.total.0, before + 1, ct.len());
-            rep.merge(&r?);
-        }
-        Ok(rep)
-    }
-
-    /// Takes a place under the global bound, if there is one.
-    fn reserve(&self) -> bool {
-        self.total
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                (t < self.max_entries).then_some(t + 1)
-            })
-            .is_ok()
+        self.lock(zone).port_count(port)
     }
 }
 
@@ -335,7 +100,7 @@ impl ZoneGuard<'_> {
             .tables
             .sync(&mut self.ct, |ct| ct.track(zone, port, key, frame, now));
         if matches!(t, Track::New(_)) && !self.room(now) {
-            self.tables.refused_global.fetch_add(1, Ordering::Relaxed);
+            self.tables.count_refused();
             return Track::Refused(Limit::Global);
         }
         t
@@ -355,20 +120,20 @@ impl ZoneGuard<'_> {
                     return Err(CommitError::Exists(id));
                 }
             }
-            self.tables.refused_global.fetch_add(1, Ordering::Relaxed);
+            self.tables.count_refused();
             return Err(CommitError::Limit(Limit::Global));
         }
         let before = self.ct.len();
         let r = self.ct.commit(new, now, ext);
         // The reserved place stands for the new entry.
-        apply(&self.tables.total.0, before + 1, self.ct.len());
+        self.tables.settle_reserved(before, self.ct.len());
         r
     }
 
     /// Whether a new connection fits under the global bound now, after
     /// reaping this shard a little if not.
     fn room(&mut self, now: u64) -> bool {
-        let free = |g: &Self| g.tables.len() < g.tables.max_entries;
+        let free = |g: &Self| g.tables.has_room();
         if free(self) {
             return true;
         }
@@ -611,7 +376,7 @@ mod tests {
 
     #[test]
     fn stateful_per_port_zones_and_limits() {
-        let table = Arc::new(SgTables::new(conntrack::Config::default()).unwrap());
+        let table = Arc::new(SgTables::new_sg(conntrack::Config::default()).unwrap());
         let web = GroupSpec {
             name: "web".into(),
             rules: vec![
@@ -673,7 +438,7 @@ mod tests {
     }
     fn tables(max_entries: usize) -> Arc<SgTables> {
         Arc::new(
-            SgTables::new(conntrack::Config {
+            SgTables::new_sg(conntrack::Config {
                 max_entries,
                 max_per_port: usize::MAX,
                 ..conntrack::Config::default()
