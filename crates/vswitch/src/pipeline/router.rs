@@ -30,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use packet::{FlowKey, MacAddr, PacketBuf, L3, L4};
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 
 use super::{Addresses, DropReason};
 use crate::clock::Timestamp;
@@ -82,17 +82,19 @@ impl Router {
     }
 }
 
-/// IPv4 -> MAC answers the router learned from ARP, per network. Bounded:
-/// a full cache forgets its oldest entry.
+/// IPv4 -> MAC answers the router learned from ARP, per network (and one
+/// for the uplink). Bounded: a full cache forgets its oldest entry. Every
+/// routed frame reads it and only ARP answers write it, so it is a
+/// reader-writer lock: workers routing at once never wait for each other.
 #[derive(Debug, Default)]
 pub struct Neighbours {
-    map: Mutex<HashMap<Ipv4Addr, (MacAddr, Timestamp)>>,
+    map: RwLock<HashMap<Ipv4Addr, (MacAddr, Timestamp)>>,
 }
 
 impl Neighbours {
     /// The MAC of `ip` if learned within the neighbour lifetime.
     pub fn get(&self, ip: &Ipv4Addr, now: Timestamp) -> Option<MacAddr> {
-        let m = self.map.lock();
+        let m = self.map.read();
         m.get(ip)
             .filter(|(_, t)| now.0.saturating_sub(t.0) < NEIGHBOUR_TTL_NS)
             .map(|(mac, _)| *mac)
@@ -100,7 +102,7 @@ impl Neighbours {
 
     /// Records `ip` at `mac`.
     pub fn learn(&self, ip: Ipv4Addr, mac: MacAddr, now: Timestamp) {
-        let mut m = self.map.lock();
+        let mut m = self.map.write();
         if m.len() >= NEIGHBOURS_MAX && !m.contains_key(&ip) {
             if let Some(oldest) = m.iter().min_by_key(|(_, (_, t))| t.0).map(|(k, _)| *k) {
                 m.remove(&oldest);
@@ -111,7 +113,7 @@ impl Neighbours {
 
     /// Entries.
     pub fn len(&self) -> usize {
-        self.map.lock().len()
+        self.map.read().len()
     }
 
     /// True when empty.
