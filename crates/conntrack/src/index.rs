@@ -59,29 +59,31 @@ impl Index {
     }
 
     /// Where `key` lives.
-    pub(crate) fn get<'a>(
+    pub(crate) fn get(
         &self,
         key: &ConnKey,
-        key_of: impl Fn(Ref) -> Option<&'a ConnKey>,
+        key_of: impl Fn(Ref) -> Option<ConnKey>,
     ) -> Option<Ref> {
         self.table
-            .find(self.hash(key), |&v| key_of(Ref::unpack(v)) == Some(key))
+            .find(self.hash(key), |&v| {
+                key_of(Ref::unpack(v)).as_ref() == Some(key)
+            })
             .map(|&v| Ref::unpack(v))
     }
 
     /// Indexes `key` at `r`; a stale mapping of the same key is replaced.
     /// `r`'s slot must already hold `key` (growing rehashes every key).
-    pub(crate) fn insert<'a>(
+    pub(crate) fn insert(
         &mut self,
         key: &ConnKey,
         r: Ref,
-        key_of: impl Fn(Ref) -> Option<&'a ConnKey>,
+        key_of: impl Fn(Ref) -> Option<ConnKey>,
     ) {
         let h = self.hash(key);
         let hasher = &self.hasher;
         match self.table.find_mut(h, |&v| {
             let other = Ref::unpack(v);
-            other != r && key_of(other) == Some(key)
+            other != r && key_of(other).as_ref() == Some(key)
         }) {
             Some(v) => *v = r.pack(),
             None => {
@@ -106,11 +108,7 @@ impl Index {
     }
 
     /// Room for `additional` more keys.
-    pub(crate) fn reserve<'a>(
-        &mut self,
-        additional: usize,
-        key_of: impl Fn(Ref) -> Option<&'a ConnKey>,
-    ) {
+    pub(crate) fn reserve(&mut self, additional: usize, key_of: impl Fn(Ref) -> Option<ConnKey>) {
         let hasher = &self.hasher;
         self.table.reserve(additional, |&v| {
             key_of(Ref::unpack(v)).map_or(0, |k| hasher.hash_one(k))

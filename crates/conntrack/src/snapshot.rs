@@ -117,7 +117,7 @@ impl<E: Clone> Conntrack<E> {
             .live_entries(now)
             .map(|e| SavedEntry {
                 orig: e.orig,
-                reply: e.reply,
+                reply: self.reply_of(e),
                 port: e.port,
                 state: e.state,
                 age_ns: now.saturating_sub(e.created),

@@ -49,7 +49,15 @@ struct List {
 #[derive(Debug)]
 pub(crate) struct Entry<E> {
     pub(crate) orig: ConnKey,
-    pub(crate) reply: ConnKey,
+    /// Where the reply key is: [`NIL`] when it is `orig.reverse()` (every
+    /// untranslated connection: most of a table), else its index in
+    /// [`Conntrack`]'s `replies` (NAT, load balancer). Saves a 44-byte
+    /// key in most entries.
+    reply_at: u32,
+    /// Generation of the slot this entry occupies (stale [`ConnId`]s carry
+    /// an older one). Here rather than in [`Slot`], where it would cost 8
+    /// bytes of padding per entry.
+    gen: u32,
     pub(crate) port: u32,
     pub(crate) state: ProtoState,
     class: Class,
@@ -64,7 +72,6 @@ pub(crate) struct Entry<E> {
 
 #[derive(Debug)]
 struct Slot<E> {
-    gen: u32,
     entry: Option<Entry<E>>,
 }
 
@@ -123,7 +130,8 @@ pub struct Conntrack<E = ()> {
     gran_ns: [u64; CLASSES],
     slots: Vec<Slot<E>>,
     links: Vec<Link>,
-    free: Vec<u32>,
+    /// Free slots, each with the generation its next entry gets.
+    free: Vec<(u32, u32)>,
     lists: [List; CLASSES],
     index: Index,
     per_port: HashMap<u32, u32>,
@@ -134,6 +142,11 @@ pub struct Conntrack<E = ()> {
     collect: bool,
     /// Removed entries not drained yet; empty unless `collect`.
     removed: Vec<Removed<E>>,
+    /// Reply keys that are not the mirror of their original key, by the
+    /// entry's `reply_at`; slots of removed ones are reused.
+    replies: Vec<ConnKey>,
+    /// Free places in `replies`.
+    replies_free: Vec<u32>,
 }
 
 enum Lookup {
@@ -180,6 +193,8 @@ impl<E> Conntrack<E> {
             stats: Stats::default(),
             collect: false,
             removed: Vec::new(),
+            replies: Vec::new(),
+            replies_free: Vec::new(),
         })
     }
 
@@ -244,8 +259,8 @@ impl<E> Conntrack<E> {
     /// packet path does not pay a rehash of a large table later.
     pub fn reserve(&mut self, additional: usize) {
         let n = additional.min(self.cfg.max_entries.saturating_sub(self.len));
-        let slots = &self.slots;
-        self.index.reserve(2 * n, |r| key_at(slots, r));
+        let (slots, replies) = (&self.slots, &self.replies);
+        self.index.reserve(2 * n, |r| key_at(slots, replies, r));
         self.slots.reserve(n);
         self.links.reserve(n);
     }
@@ -270,7 +285,7 @@ impl<E> Conntrack<E> {
     fn id(&self, slot: u32) -> ConnId {
         ConnId {
             slot,
-            gen: self.slots.get(slot as usize).map_or(0, |s| s.gen),
+            gen: self.entry(slot).map_or(0, |e| e.gen),
         }
     }
 
@@ -347,42 +362,72 @@ impl<E> Conntrack<E> {
 
     // ---- insertion and removal ----------------------------------------
 
-    fn alloc(&mut self) -> u32 {
+    /// A free slot and the generation of the entry that takes it.
+    fn alloc(&mut self) -> (u32, u32) {
         if let Some(s) = self.free.pop() {
             return s;
         }
         // len < max_entries <= u32::MAX >> 1, so the slab never reaches NIL
         // and every slot number fits the index's packing.
         let s = u32::try_from(self.slots.len()).unwrap_or(NIL);
-        self.slots.push(Slot {
-            gen: 0,
-            entry: None,
-        });
+        self.slots.push(Slot { entry: None });
         self.links.push(Link {
             prev: NIL,
             next: NIL,
         });
-        s
+        (s, 0)
     }
 
-    fn insert(&mut self, entry: Entry<E>) -> ConnId {
-        let slot = self.alloc();
-        let (orig, reply, port, class) = (entry.orig, entry.reply, entry.port, entry.class);
+    /// Where `reply` goes for an entry whose original key is `orig`
+    /// (`NIL`: nowhere, it is the mirror).
+    fn store_reply(&mut self, orig: &ConnKey, reply: ConnKey) -> u32 {
+        if reply == orig.reverse() {
+            return NIL;
+        }
+        if let Some(i) = self.replies_free.pop() {
+            if let Some(k) = self.replies.get_mut(i as usize) {
+                *k = reply;
+                return i;
+            }
+        }
+        // Never more than one per slot, and slot numbers fit a u32.
+        let i = u32::try_from(self.replies.len()).unwrap_or(NIL);
+        self.replies.push(reply);
+        i
+    }
+
+    /// An entry's reply key.
+    pub(crate) fn reply_of(&self, e: &Entry<E>) -> ConnKey {
+        reply_key(&self.replies, e)
+    }
+
+    fn insert(
+        &mut self,
+        orig: ConnKey,
+        reply: ConnKey,
+        entry: impl FnOnce(u32) -> Entry<E>,
+    ) -> ConnId {
+        let reply_at = self.store_reply(&orig, reply);
+        let mut entry = entry(reply_at);
+        let (slot, gen) = self.alloc();
+        entry.gen = gen;
+        let (port, class) = (entry.port, entry.class);
         if let Some(s) = self.slots.get_mut(slot as usize) {
             s.entry = Some(entry);
         }
-        let slots = &self.slots;
+        let (slots, replies) = (&self.slots, &self.replies);
         let original = Ref {
             slot,
             dir: Dir::Original,
         };
-        self.index.insert(&orig, original, |r| key_at(slots, r));
+        self.index
+            .insert(&orig, original, |r| key_at(slots, replies, r));
         if reply != orig {
             let r = Ref {
                 slot,
                 dir: Dir::Reply,
             };
-            self.index.insert(&reply, r, |r| key_at(slots, r));
+            self.index.insert(&reply, r, |r| key_at(slots, replies, r));
         }
         self.push_tail(slot, class);
         *self.per_port.entry(port).or_insert(0) += 1;
@@ -393,8 +438,11 @@ impl<E> Conntrack<E> {
     fn remove_slot(&mut self, slot: u32, why: Why) -> Option<Removed<E>> {
         let s = self.slots.get_mut(slot as usize)?;
         let e = s.entry.take()?;
-        let id = ConnId { slot, gen: s.gen };
-        s.gen = s.gen.wrapping_add(1);
+        let id = ConnId { slot, gen: e.gen };
+        let reply = reply_key(&self.replies, &e);
+        if e.reply_at != NIL {
+            self.replies_free.push(e.reply_at);
+        }
         self.index.remove(
             &e.orig,
             Ref {
@@ -402,9 +450,9 @@ impl<E> Conntrack<E> {
                 dir: Dir::Original,
             },
         );
-        if e.reply != e.orig {
+        if reply != e.orig {
             self.index.remove(
-                &e.reply,
+                &reply,
                 Ref {
                     slot,
                     dir: Dir::Reply,
@@ -412,7 +460,7 @@ impl<E> Conntrack<E> {
             );
         }
         self.unlink(slot, e.class);
-        self.free.push(slot);
+        self.free.push((slot, e.gen.wrapping_add(1)));
         if let Some(n) = self.per_port.get_mut(&e.port) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -427,7 +475,7 @@ impl<E> Conntrack<E> {
         Some(Removed {
             id,
             orig: e.orig,
-            reply: e.reply,
+            reply,
             port: e.port,
             ext: e.ext,
         })
@@ -447,8 +495,8 @@ impl<E> Conntrack<E> {
 
     /// The live entry for `key`; an expired one is removed and ignored.
     fn find_live(&mut self, key: &ConnKey, now: u64) -> Option<Ref> {
-        let slots = &self.slots;
-        let r = self.index.get(key, |r| key_at(slots, r))?;
+        let (slots, replies) = (&self.slots, &self.replies);
+        let r = self.index.get(key, |r| key_at(slots, replies, r))?;
         let expired = !matches!(self.entry(r.slot), Some(e) if e.deadline > now);
         if expired {
             self.discard(r.slot, Why::Expired);
@@ -676,14 +724,16 @@ impl<E> Conntrack<E> {
             return Err(CommitError::Limit(l));
         }
         let class = new.state.class();
-        let id = self.insert(Entry {
+        let timeout = self.timeout(class);
+        let id = self.insert(orig, reply, |reply_at| Entry {
             orig,
-            reply,
+            reply_at,
+            gen: 0,
             port: new.port,
             state: new.state,
             class,
             created: now,
-            deadline: now.saturating_add(self.timeout(class)),
+            deadline: now.saturating_add(timeout),
             moved: now,
             stats: [
                 DirStats {
@@ -703,8 +753,8 @@ impl<E> Conntrack<E> {
     /// The live entry holding `key` and the direction `key` is, without
     /// side effects (an expired entry is absent).
     pub fn lookup(&self, key: &ConnKey, now: u64) -> Option<(ConnId, Dir)> {
-        let slots = &self.slots;
-        let r = self.index.get(key, |r| key_at(slots, r))?;
+        let (slots, replies) = (&self.slots, &self.replies);
+        let r = self.index.get(key, |r| key_at(slots, replies, r))?;
         let e = self.entry(r.slot)?;
         (e.deadline > now).then(|| (self.id(r.slot), r.dir))
     }
@@ -722,7 +772,7 @@ impl<E> Conntrack<E> {
         Some(EntryView {
             id: self.id(slot),
             orig: e.orig,
-            reply: e.reply,
+            reply: self.reply_of(e),
             port: e.port,
             state: e.state.view(),
             stats: e.stats,
@@ -734,7 +784,10 @@ impl<E> Conntrack<E> {
 
     fn live_slot(&self, id: ConnId) -> Option<u32> {
         let s = self.slots.get(id.slot as usize)?;
-        (s.gen == id.gen && s.entry.is_some()).then_some(id.slot)
+        s.entry
+            .as_ref()
+            .is_some_and(|e| e.gen == id.gen)
+            .then_some(id.slot)
     }
 
     /// The entry behind a handle, if it is still there and not expired.
@@ -771,11 +824,14 @@ impl<E> Conntrack<E> {
         self.remove_slot(slot, Why::Removed).map(|r| r.ext)
     }
 
-    fn remove_where(&mut self, f: impl Fn(&Entry<E>) -> bool) -> usize {
+    /// Removes every entry `f` picks (`f` sees an entry and its reply key).
+    fn remove_where(&mut self, f: impl Fn(&Entry<E>, &ConnKey) -> bool) -> usize {
         let victims: Vec<u32> = (0..self.slots.len())
             .filter_map(|i| {
                 let slot = u32::try_from(i).ok()?;
-                self.entry(slot).filter(|e| f(e)).map(|_| slot)
+                self.entry(slot)
+                    .filter(|e| f(e, &self.reply_of(e)))
+                    .map(|_| slot)
             })
             .collect();
         victims
@@ -790,19 +846,23 @@ impl<E> Conntrack<E> {
         if self.port_count(port) == 0 {
             return 0;
         }
-        self.remove_where(|e| e.port == port)
+        self.remove_where(|e, _| e.port == port)
     }
 
     /// Removes every entry with a key in `zone` (either key: a NAT entry's
     /// reply key may be in another zone than its original key). O(table):
     /// control plane only.
     pub fn flush_zone(&mut self, zone: u32) -> usize {
-        self.remove_where(|e| e.orig.zone == zone || e.reply.zone == zone)
+        self.remove_where(|e, reply| e.orig.zone == zone || reply.zone == zone)
     }
 
     /// Removes every entry.
     pub fn clear(&mut self) -> usize {
-        self.remove_where(|_| true)
+        let n = self.remove_where(|_, _| true);
+        // Nothing refers to a stored reply key any more.
+        self.replies = Vec::new();
+        self.replies_free = Vec::new();
+        n
     }
 
     /// Reaps up to `max` expired entries, earliest deadline first; the
@@ -858,14 +918,14 @@ impl<E> Conntrack<E> {
     /// not reaped yet (which still hold whatever their data accounts for),
     /// in slot order: for rebuilding state derived from the table after an
     /// import. O(table).
-    pub fn all_keys(&self) -> impl Iterator<Item = (ConnId, &ConnKey, &ConnKey, &E)> + '_ {
+    pub fn all_keys(&self) -> impl Iterator<Item = (ConnId, ConnKey, ConnKey, &E)> + '_ {
         self.slots.iter().enumerate().filter_map(|(i, s)| {
             let e = s.entry.as_ref()?;
             let id = ConnId {
                 slot: u32::try_from(i).ok()?,
-                gen: s.gen,
+                gen: e.gen,
             };
-            Some((id, &e.orig, &e.reply, &e.ext))
+            Some((id, e.orig, self.reply_of(e), &e.ext))
         })
     }
 
@@ -910,9 +970,10 @@ impl<E> Conntrack<E> {
             .and_then(|l| self.entry(l.tail))
             .map_or(0, |e| e.moved);
         let moved = deadline.saturating_sub(timeout).max(tail_moved).min(now);
-        self.insert(Entry {
+        self.insert(orig, reply, |reply_at| Entry {
             orig,
-            reply,
+            reply_at,
+            gen: 0,
             port,
             state,
             class,
@@ -957,13 +1018,20 @@ impl<E> Conntrack<E> {
         for &s in &live {
             let e = self.entry(s).ok_or("vanished")?;
             *ports.entry(e.port).or_default() += 1;
-            match self.index.get(&e.orig, |r| key_at(&self.slots, r)) {
+            match self
+                .index
+                .get(&e.orig, |r| key_at(&self.slots, &self.replies, r))
+            {
                 Some(r) if r.slot == s && r.dir == Dir::Original => {}
                 _ => return Err(format!("orig key of slot {s} not indexed")),
             }
             keys += 1;
-            if e.reply != e.orig {
-                match self.index.get(&e.reply, |r| key_at(&self.slots, r)) {
+            let reply = self.reply_of(e);
+            if reply != e.orig {
+                match self
+                    .index
+                    .get(&reply, |r| key_at(&self.slots, &self.replies, r))
+                {
                     Some(r) if r.slot == s && r.dir == Dir::Reply => {}
                     _ => return Err(format!("reply key of slot {s} not indexed")),
                 }
@@ -1046,10 +1114,23 @@ fn first_state(ck: &ConnKey, seg: Option<crate::state::Seg>) -> Result<ProtoStat
 }
 
 /// The key `r` points at: the slot's key of that direction.
-fn key_at<E>(slots: &[Slot<E>], r: Ref) -> Option<&ConnKey> {
+fn key_at<E>(slots: &[Slot<E>], replies: &[ConnKey], r: Ref) -> Option<ConnKey> {
     let e = slots.get(r.slot as usize)?.entry.as_ref()?;
     Some(match r.dir {
-        Dir::Original => &e.orig,
-        Dir::Reply => &e.reply,
+        Dir::Original => e.orig,
+        Dir::Reply => reply_key(replies, e),
     })
+}
+
+/// `e`'s reply key: the mirror of its original one, or kept in `replies`.
+fn reply_key<E>(replies: &[ConnKey], e: &Entry<E>) -> ConnKey {
+    if e.reply_at == NIL {
+        return e.orig.reverse();
+    }
+    // A stored index always points at its key; the mirror stands in for
+    // a broken one rather than a panic on the packet path.
+    replies
+        .get(e.reply_at as usize)
+        .copied()
+        .unwrap_or_else(|| e.orig.reverse())
 }

@@ -1780,7 +1780,7 @@ fn all_keys_includes_expired_entries() {
     let id = h.open_nat(ZONE, &udp_from(1), key4(EXT, B4, E4, 17, 53, 9));
     h.now += secs(1000);
     assert_eq!(h.ct.entries(h.now).count(), 0);
-    let all: Vec<_> = h.ct.all_keys().map(|(i, o, r, _)| (i, *o, *r)).collect();
+    let all: Vec<_> = h.ct.all_keys().map(|(i, o, r, _)| (i, o, r)).collect();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].0, id);
     assert_eq!(all[0].2, key4(EXT, B4, E4, 17, 53, 9));

@@ -1160,10 +1160,10 @@ impl Nat {
         let mut ports = Ports::new(self.index.reserved());
         let mut bad = Vec::new();
         for (id, orig, reply, m) in self.ct.all_keys() {
-            if !consistent(orig, reply, m.kind) {
+            if !consistent(&orig, &reply, m.kind) {
                 rep.rejected += 1;
                 bad.push(id);
-            } else if let Some((k, p)) = eim_of(orig, reply, m.kind) {
+            } else if let Some((k, p)) = eim_of(&orig, &reply, m.kind) {
                 if !ports.register(k, p) {
                     rep.port_conflicts += 1;
                     bad.push(id);
