@@ -401,14 +401,11 @@ impl<E> Conntrack<E> {
         reply_key(&self.replies, e)
     }
 
-    fn insert(
-        &mut self,
-        orig: ConnKey,
-        reply: ConnKey,
-        entry: impl FnOnce(u32) -> Entry<E>,
-    ) -> ConnId {
-        let reply_at = self.store_reply(&orig, reply);
-        let mut entry = entry(reply_at);
+    /// Stores `entry` (its `reply_at` and `gen` are set here) with reply
+    /// key `reply`.
+    fn insert(&mut self, mut entry: Entry<E>, reply: ConnKey) -> ConnId {
+        let orig = entry.orig;
+        entry.reply_at = self.store_reply(&orig, reply);
         let (slot, gen) = self.alloc();
         entry.gen = gen;
         let (port, class) = (entry.port, entry.class);
@@ -724,26 +721,28 @@ impl<E> Conntrack<E> {
             return Err(CommitError::Limit(l));
         }
         let class = new.state.class();
-        let timeout = self.timeout(class);
-        let id = self.insert(orig, reply, |reply_at| Entry {
-            orig,
-            reply_at,
-            gen: 0,
-            port: new.port,
-            state: new.state,
-            class,
-            created: now,
-            deadline: now.saturating_add(timeout),
-            moved: now,
-            stats: [
-                DirStats {
-                    packets: 1,
-                    bytes: u64::from(new.ip_len),
-                },
-                DirStats::default(),
-            ],
-            ext,
-        });
+        let id = self.insert(
+            Entry {
+                orig,
+                reply_at: NIL,
+                gen: 0,
+                port: new.port,
+                state: new.state,
+                class,
+                created: now,
+                deadline: now.saturating_add(self.timeout(class)),
+                moved: now,
+                stats: [
+                    DirStats {
+                        packets: 1,
+                        bytes: u64::from(new.ip_len),
+                    },
+                    DirStats::default(),
+                ],
+                ext,
+            },
+            reply,
+        );
         self.stats.created += 1;
         Ok(id)
     }
@@ -970,9 +969,9 @@ impl<E> Conntrack<E> {
             .and_then(|l| self.entry(l.tail))
             .map_or(0, |e| e.moved);
         let moved = deadline.saturating_sub(timeout).max(tail_moved).min(now);
-        self.insert(orig, reply, |reply_at| Entry {
+        let entry = Entry {
             orig,
-            reply_at,
+            reply_at: NIL,
             gen: 0,
             port,
             state,
@@ -982,7 +981,8 @@ impl<E> Conntrack<E> {
             moved,
             stats,
             ext,
-        });
+        };
+        self.insert(entry, reply);
         self.stats.imported += 1;
         Ok(())
     }
