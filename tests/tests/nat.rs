@@ -83,7 +83,7 @@ fn snat_floating_ip_port_forward_hairpin_and_icmp_errors() {
     t += &port(&w1, "web", "02:00:00:00:01:0b", "10.0.1.11");
     t += &port(&d1, "db", "02:00:00:00:02:15", "10.0.2.21");
     t += &format!("  [[tenant.floating_ip]]\n  address = \"203.0.113.10\"\n  port = \"{w1}\"\n\n");
-    t += &format!("  [[tenant.port_forward]]\n  proto = \"tcp\"\n  external = \"203.0.113.2:8080\"\n  port = \"{d1}\"\n  to_port = 80\n\n");
+    t += &format!("  [[tenant.port_forward]]\n  proto = \"tcp\"\n  external = \"203.0.113.2:8081\"\n  port = \"{d1}\"\n  to_port = 80\n\n");
     // Another tenant with the very same subnet and address.
     t += "[[tenant]]\nname = \"globex\"\n\n";
     t += &net("web", 2001, "10.0.1.0/24", "10.0.1.1");
@@ -114,7 +114,7 @@ fn snat_floating_ip_port_forward_hairpin_and_icmp_errors() {
     // In: the floating IP reaches w1, the port forward reaches d1:80; the
     // VMs see the external client's own address.
     assert_eq!(curl(&lab, &ext, "http://203.0.113.10/"), "203.0.113.1");
-    assert_eq!(curl(&lab, &ext, "http://203.0.113.2:8080/"), "203.0.113.1");
+    assert_eq!(curl(&lab, &ext, "http://203.0.113.2:8081/"), "203.0.113.1");
     lab.assert_ping(&ext, "203.0.113.10", 2);
     // The uplink address itself answers ping; other ports of it do not
     // reach anything.
@@ -132,7 +132,7 @@ fn snat_floating_ip_port_forward_hairpin_and_icmp_errors() {
     // Hairpin: w1 reaches its own floating IP (source: its floating IP),
     // and d1's port forward (source: w1's floating IP).
     assert_eq!(curl(&lab, &w1, "http://203.0.113.10/"), "203.0.113.10");
-    assert_eq!(curl(&lab, &w1, "http://203.0.113.2:8080/"), "203.0.113.10");
+    assert_eq!(curl(&lab, &w1, "http://203.0.113.2:8081/"), "203.0.113.10");
     // d1 (SNAT only) reaches w1's floating IP: source the SNAT address.
     assert_eq!(curl(&lab, &d1, "http://203.0.113.10/"), "203.0.113.2");
 
@@ -216,6 +216,10 @@ fn snat_floating_ip_port_forward_hairpin_and_icmp_errors() {
     );
     let nat = sw.ctl(&["nat"]);
     assert_eq!(nat["uplink"]["address"], "203.0.113.2/24", "{nat:#}");
+    // The default range gives NAT 8 stripes; the forward's external port
+    // (8081) and its inside port (80) are in different ones, which the
+    // inbound and hairpin requests above crossed.
+    assert_eq!(nat["stripes"], 8, "{nat:#}");
     assert_eq!(
         nat["floating_ips"][0]["external"], "203.0.113.10",
         "{nat:#}"

@@ -36,6 +36,11 @@ impl<E> SavedEntry<E> {
         &self.orig
     }
 
+    /// Reply key.
+    pub fn reply(&self) -> &ConnKey {
+        &self.reply
+    }
+
     /// Nanoseconds the entry had left at export.
     pub fn remaining_ns(&self) -> u64 {
         self.remaining_ns

@@ -163,11 +163,14 @@
 mod ports;
 mod rewrite;
 mod rules;
+mod steer;
+pub mod striped;
 
 #[cfg(test)]
 mod tests;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 
 use conntrack::{ConnId, ConnKey, Conntrack, Dir, ImportReport, NewConn, Track};
 use ipnet::Ipv4Net;
@@ -175,8 +178,10 @@ use packet::flow::{ethertype, proto, Frag};
 use packet::{FlowKey, L3, L4};
 use serde::{Deserialize, Serialize};
 
-pub use ports::{MappingView, PoolView, MAX_REJECTED};
+pub use ports::{MappingView, PoolView, Share, MAX_REJECTED};
 pub use rules::RulesError;
+pub use steer::{Steering, MAX_STRIPES};
+pub use striped::NatStripes;
 
 use ports::{eim_of, EimKey, Ports, Want};
 use rewrite::{L4Kind, Tuple};
@@ -376,6 +381,25 @@ pub struct NatStats {
     pub mappings_released: u64,
 }
 
+impl NatStats {
+    /// Adds `o`'s counters to these (the stripes of one NAT).
+    pub fn merge(&mut self, o: &NatStats) {
+        self.translated += o.translated;
+        self.snat_new += o.snat_new;
+        self.floating_out_new += o.floating_out_new;
+        self.floating_in_new += o.floating_in_new;
+        self.forward_new += o.forward_new;
+        self.hairpin += o.hairpin;
+        self.icmp_errors += o.icmp_errors;
+        self.ports_exhausted += o.ports_exhausted;
+        self.tuple_taken += o.tuple_taken;
+        self.refused += o.refused;
+        self.invalid += o.invalid;
+        self.no_match += o.no_match;
+        self.mappings_released += o.mappings_released;
+    }
+}
+
 /// Format version of [`NatSnapshot`].
 pub const NAT_SNAPSHOT_VERSION: u32 = 1;
 
@@ -403,6 +427,15 @@ pub struct NatImportReport {
     pub port_conflicts: usize,
 }
 
+impl NatImportReport {
+    /// Adds `o`'s counts to these (imports into several stripes).
+    pub fn merge(&mut self, o: &NatImportReport) {
+        self.conntrack.merge(&o.conntrack);
+        self.rejected += o.rejected;
+        self.port_conflicts += o.port_conflicts;
+    }
+}
+
 /// A snapshot that cannot be imported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NatImportError {
@@ -428,6 +461,11 @@ pub struct Nat {
     /// The connection the current pass committed, if any (so a hairpin
     /// whose second pass drops can take the first pass's back).
     committed: Option<ConnId>,
+    /// The external ports this NAT hands out (all, unless it is one
+    /// stripe of a set).
+    share: Share,
+    /// The set's stripe chooser under the current rules.
+    steer: Arc<Steering>,
 }
 
 /// Bytes of a frame a translation may rewrite: Ethernet with two VLAN tags,
@@ -547,12 +585,23 @@ fn consistent(orig: &ConnKey, reply: &ConnKey, kind: MappingKind) -> bool {
 impl Nat {
     /// A NAT with `rules` over a conntrack table configured by `ct`.
     pub fn new(ct: conntrack::Config, rules: Rules) -> Result<Nat, RulesError> {
+        Nat::new_stripe(ct, rules, Share::WHOLE)
+    }
+
+    /// One stripe of a set (see [`striped`]): it hands out only the
+    /// external ports of `share`.
+    pub fn new_stripe(
+        ct: conntrack::Config,
+        rules: Rules,
+        share: Share,
+    ) -> Result<Nat, RulesError> {
         rules::validate(&rules)?;
         let mut ct = Conntrack::new(ct).map_err(|e| RulesError::Invalid(e.to_string()))?;
         // Mappings hold ports: every removal must come back to release them.
         ct.set_collect_removed(true);
         let index = Index::build(&rules);
-        let ports = Ports::new(index.reserved());
+        let ports = Ports::new(index.reserved(), share);
+        let steer = Arc::new(Steering::new(&rules, share.count()));
         Ok(Nat {
             ct,
             rules,
@@ -560,6 +609,8 @@ impl Nat {
             ports,
             stats: NatStats::default(),
             committed: None,
+            share,
+            steer,
         })
     }
 
@@ -573,8 +624,19 @@ impl Nat {
         rules::validate(&rules)?;
         self.index = Index::build(&rules);
         self.ports.set_reserved(self.index.reserved());
+        self.steer = Arc::new(Steering::new(&rules, self.share.count()));
         self.rules = rules;
         Ok(())
+    }
+
+    /// The stripe chooser of this NAT's set under its current rules.
+    pub fn steering(&self) -> Arc<Steering> {
+        self.steer.clone()
+    }
+
+    /// The external ports this NAT hands out.
+    pub fn share(&self) -> Share {
+        self.share
     }
 
     /// The rules.
@@ -611,55 +673,22 @@ impl Nat {
         partial_csum: bool,
         now: u64,
     ) -> Outcome {
-        // From a tenant only the source is rewritten, so a packet that
-        // will hairpin is one to our own address already: only those pay
-        // for saving the bytes a dropped second pass must restore.
-        let saved: Option<Vec<u8>> = (from != EXTERNAL_ZONE
-            && v4_addrs(key, frame).is_some_and(|(_, d)| self.index.owns(d)))
-        .then(|| frame[..frame.len().min(REWRITE_SPAN)].to_vec());
-        self.committed = None;
-        let first = self.pass(from, port, key, frame, partial_csum, now, false);
-        let first_commit = self.committed.take();
-        let out = match first {
-            Outcome::Forward {
-                zone: EXTERNAL_ZONE,
-                dst,
-                ..
-            } if self.index.owns(dst) => match FlowKey::parse(frame) {
-                Ok(k2) => match self.pass(EXTERNAL_ZONE, port, &k2, frame, partial_csum, now, true)
-                {
-                    Outcome::Forward { zone, dst, .. } => {
-                        self.stats.hairpin += 1;
-                        Outcome::Forward {
-                            zone,
-                            dst,
-                            hairpin: true,
-                        }
-                    }
-                    Outcome::NoMatch => first,
-                    drop @ Outcome::Drop(_) => {
-                        // Dropped as a whole: the frame as it came (captures
-                        // show what the VM sent) and no half connection
-                        // holding a port until it times out.
-                        if let Some(b) = &saved {
-                            frame[..b.len()].copy_from_slice(b);
-                        }
-                        if let Some(id) = first_commit {
-                            self.undo_commit(id, now);
-                        }
-                        drop
-                    }
-                },
-                Err(_) => first,
-            },
-            o => o,
-        };
+        let steer = self.steer.clone();
+        striped::translate(self, &steer, from, port, key, frame, partial_csum, now)
+    }
+
+    /// Counts a translation's final outcome.
+    fn record(&mut self, out: &Outcome) {
         match out {
-            Outcome::Forward { .. } => self.stats.translated += 1,
+            Outcome::Forward { hairpin, .. } => {
+                self.stats.translated += 1;
+                if *hairpin {
+                    self.stats.hairpin += 1;
+                }
+            }
             Outcome::NoMatch => self.stats.no_match += 1,
             Outcome::Drop(_) => {}
         }
-        out
     }
 
     /// One translation pass: conntrack, then the rules for a new
@@ -746,7 +775,7 @@ impl Nat {
 
     /// Removes a connection committed by this translation's first pass,
     /// with its mapping.
-    fn undo_commit(&mut self, id: ConnId, now: u64) {
+    pub(crate) fn undo_commit(&mut self, id: ConnId, now: u64) {
         let keys = self.ct.get(id, now).map(|v| (v.orig, v.reply, v.ext.kind));
         if self.ct.remove(id).is_some() {
             if let Some((ek, p)) = keys.and_then(|(o, r, k)| eim_of(&o, &r, k)) {
@@ -1157,7 +1186,7 @@ impl Nat {
         };
         // Rebuilt from every entry, expired ones not reaped included: they
         // hold their ports until they go, and will release them then.
-        let mut ports = Ports::new(self.index.reserved());
+        let mut ports = Ports::new(self.index.reserved(), self.share);
         let mut bad = Vec::new();
         for (id, orig, reply, m) in self.ct.all_keys() {
             if !consistent(&orig, &reply, m.kind) {

@@ -50,6 +50,8 @@ struct Eim {
 struct Pool {
     used: Vec<u64>,
     reserved: Vec<u64>,
+    /// The ports of every word this pool may hand out ([`Share::mask`]).
+    own: u64,
     /// Next-fit: the search for a fresh port starts here, so a port just
     /// released is the last to be handed out again (a late packet of the
     /// old connection is less likely to reach a new one).
@@ -74,10 +76,11 @@ fn set_bit(words: &mut [u64], p: u16, on: bool) {
 }
 
 impl Pool {
-    fn new(reserved: &[u16]) -> Pool {
+    fn new(reserved: &[u16], share: Share) -> Pool {
         let mut p = Pool {
             used: vec![0; WORDS],
             reserved: vec![0; WORDS],
+            own: share.mask(),
             cursor: 0,
             n_used: 0,
         };
@@ -93,7 +96,7 @@ impl Pool {
     }
 
     fn is_free(&self, p: u16) -> bool {
-        !bit(&self.used, p) && !bit(&self.reserved, p)
+        !bit(&self.used, p) && !bit(&self.reserved, p) && self.own & (1 << (p % 64)) != 0
     }
 
     fn mark(&mut self, p: u16, on: bool) {
@@ -161,7 +164,7 @@ impl Iterator for FreePorts<'_> {
             let w = (self.pos / 64) as usize;
             let used = self.pool.used.get(w).copied().unwrap_or(u64::MAX);
             let res = self.pool.reserved.get(w).copied().unwrap_or(u64::MAX);
-            let mut free = !(used | res);
+            let mut free = !(used | res) & self.pool.own;
             // Only bits from pos to the segment's end within this word.
             free &= u64::MAX << (self.pos % 64);
             let word_end = (w as u32) * 64 + 63;
@@ -178,6 +181,59 @@ impl Iterator for FreePorts<'_> {
     }
 }
 
+/// Which external ports one NAT of a striped set may hand out: `p` with
+/// `p % count == index`, so a packet arriving from outside finds the
+/// stripe that holds its connection from its destination port alone.
+/// `count` is a power of two up to 64, so the ports a stripe owns are the
+/// same bits of every 64-port bitmap word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    index: u8,
+    count: u8,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Share::WHOLE
+    }
+}
+
+impl Share {
+    /// Every port: an unstriped NAT.
+    pub const WHOLE: Share = Share { index: 0, count: 1 };
+
+    /// Share `index` of `count`; `None` unless `count` is a power of two
+    /// up to 64 and `index < count`.
+    pub fn new(index: usize, count: usize) -> Option<Share> {
+        (count.is_power_of_two() && count <= 64 && index < count).then_some(Share {
+            index: index as u8,
+            count: count as u8,
+        })
+    }
+
+    /// The stripe's index.
+    pub fn index(self) -> usize {
+        usize::from(self.index)
+    }
+
+    /// Number of stripes.
+    pub fn count(self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether port `p` is this share's.
+    pub fn owns(self, p: u16) -> bool {
+        usize::from(p) % self.count() == self.index()
+    }
+
+    /// The bits of a 64-port word this share owns.
+    fn mask(self) -> u64 {
+        (0..64u16)
+            .filter(|&b| self.owns(b))
+            .fold(0, |m, b| m | 1 << b)
+    }
+}
+
 /// Every mapping and pool.
 #[derive(Debug, Default)]
 pub(crate) struct Ports {
@@ -186,6 +242,8 @@ pub(crate) struct Ports {
     /// Port-forward external ports per (address, protocol): never
     /// allocated.
     reserved: HashMap<(Ipv4Addr, u8), Vec<u16>>,
+    /// The ports this NAT may hand out.
+    share: Share,
 }
 
 /// How to pick a fresh port.
@@ -199,9 +257,10 @@ pub(crate) struct Want {
 }
 
 impl Ports {
-    pub(crate) fn new(reserved: HashMap<(Ipv4Addr, u8), Vec<u16>>) -> Ports {
+    pub(crate) fn new(reserved: HashMap<(Ipv4Addr, u8), Vec<u16>>, share: Share) -> Ports {
         Ports {
             reserved,
+            share,
             ..Ports::default()
         }
     }
@@ -239,7 +298,11 @@ impl Ports {
     ) -> Option<u16> {
         let pk = (k.external, k.proto);
         let reserved = self.reserved.get(&pk).map_or(&[][..], Vec::as_slice);
-        let pool = self.pools.entry(pk).or_insert_with(|| Pool::new(reserved));
+        let share = self.share;
+        let pool = self
+            .pools
+            .entry(pk)
+            .or_insert_with(|| Pool::new(reserved, share));
         let (lo, hi) = want.range;
         let preserve = (want.preserve_any || (lo..=hi).contains(&k.port)) && pool.is_free(k.port);
         let mut vetoes = 0;
@@ -314,7 +377,11 @@ impl Ports {
         }
         let pk = (k.external, k.proto);
         let reserved = self.reserved.get(&pk).map_or(&[][..], Vec::as_slice);
-        let pool = self.pools.entry(pk).or_insert_with(|| Pool::new(reserved));
+        let share = self.share;
+        let pool = self
+            .pools
+            .entry(pk)
+            .or_insert_with(|| Pool::new(reserved, share));
         if bit(&pool.used, port) {
             return false;
         }
@@ -348,7 +415,9 @@ impl Ports {
         v.into_iter().map(|(_, m)| m).collect()
     }
 
-    /// A pool's occupancy (an empty one when it holds nothing).
+    /// A pool's occupancy (an empty one when it holds nothing). `ports`
+    /// and `reserved` count the whole range; `used` and `free` this
+    /// NAT's share of it, so a striped set's views add up.
     pub(crate) fn pool_view(&self, external: Ipv4Addr, proto: u8, range: (u16, u16)) -> PoolView {
         let (lo, hi) = range;
         let in_range = if lo <= hi {
@@ -361,7 +430,13 @@ impl Ports {
         });
         let (used, free) = match self.pools.get(&(external, proto)) {
             Some(p) => (p.n_used, if lo <= hi { p.free_in(lo, hi) } else { 0 }),
-            None => (0, in_range.saturating_sub(reserved)),
+            None if self.share == Share::WHOLE => (0, in_range.saturating_sub(reserved)),
+            None => {
+                let res = self.reserved.get(&(external, proto));
+                let taken = |p: u16| res.is_some_and(|r| r.contains(&p));
+                let own = (lo..=hi).filter(|&p| self.share.owns(p) && !taken(p));
+                (0, own.count() as u32)
+            }
         };
         PoolView {
             external,
@@ -463,7 +538,7 @@ mod tests {
 
     #[test]
     fn free_ports_walk_next_fit_once() {
-        let mut p = Pool::new(&[5]);
+        let mut p = Pool::new(&[5], Share::WHOLE);
         p.mark(3, true);
         let v: Vec<u16> = p.free_from(1, 8, 4).collect();
         assert_eq!(v, vec![4, 6, 7, 8, 1, 2]);
@@ -518,7 +593,7 @@ mod tests {
         let ext = Ipv4Addr::new(203, 0, 113, 2);
         let mut r = HashMap::new();
         r.insert((ext, 17), vec![100, 101]);
-        let mut ports = Ports::new(r);
+        let mut ports = Ports::new(r, Share::WHOLE);
         let want = Want {
             range: (100, 102),
             preserve_any: false,
@@ -544,5 +619,32 @@ mod tests {
         assert!(ports.register(key(100), 102));
         assert!(!ports.register(key(50), 102));
         assert!(ports.register(key(50), 101)); // reserved, but restored
+    }
+
+    #[test]
+    fn a_share_hands_out_only_its_ports() {
+        assert_eq!(Share::new(3, 6), None);
+        assert_eq!(Share::new(4, 4), None);
+        let share = Share::new(1, 4).expect("share");
+        assert_eq!(share.mask(), 0x2222_2222_2222_2222);
+        let mut ports = Ports::new(HashMap::new(), share);
+        let want = Want {
+            range: (100, 120),
+            preserve_any: false,
+        };
+        // 105 is the share's (105 % 4 == 1): kept; 106 is not: the next
+        // free one of the share after the cursor instead.
+        assert_eq!(ports.allocate(key(105), want, |_| true), Some(105));
+        assert_eq!(ports.allocate(key(106), want, |_| true), Some(101));
+        let got: Vec<u16> = (0..4)
+            .filter_map(|i| ports.allocate(key(200 + i), want, |_| true))
+            .collect();
+        assert_eq!(got, vec![109, 113, 117]);
+        let v = ports.pool_view(key(0).external, 17, want.range);
+        assert_eq!((v.ports, v.used, v.free), (21, 5, 0));
+        // A share with no pool yet counts its own ports only.
+        let empty = Ports::new(HashMap::new(), Share::new(0, 4).expect("share"));
+        let v = empty.pool_view(key(0).external, 17, want.range);
+        assert_eq!((v.ports, v.used, v.free), (21, 0, 6));
     }
 }

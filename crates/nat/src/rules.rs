@@ -269,6 +269,10 @@ impl Index {
         m
     }
 
+    pub(crate) fn owned(&self) -> &HashSet<Ipv4Addr> {
+        &self.owned
+    }
+
     pub(crate) fn owns(&self, ip: Ipv4Addr) -> bool {
         self.owned.contains(&ip)
     }

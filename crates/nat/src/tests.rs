@@ -1470,3 +1470,339 @@ fn preview_says_what_translate_does_and_changes_nothing() {
         Preview::NoMatch
     );
 }
+
+// ---- striped sets ------------------------------------------------------------------
+
+mod striped_set {
+    use super::*;
+
+    /// A set of stripes driven as one NAT.
+    struct S {
+        nats: Vec<Nat>,
+        steer: Steering,
+        now: u64,
+    }
+
+    impl S {
+        fn with(cfg: Config, rules: Rules, count: usize) -> S {
+            let (nats, steer) = striped::new_set(cfg, &rules, count).unwrap();
+            assert_eq!(nats.len(), count);
+            S {
+                nats,
+                steer,
+                now: T0,
+            }
+        }
+
+        fn new(rules: Rules, count: usize) -> S {
+            S::with(Config::default(), rules, count)
+        }
+
+        fn go(&mut self, zone: u32, f: &mut [u8]) -> Outcome {
+            let k = FlowKey::parse(f).unwrap();
+            let o = striped::translate(
+                &mut self.nats[..],
+                &self.steer,
+                zone,
+                PORT,
+                &k,
+                f,
+                false,
+                self.now,
+            );
+            self.check();
+            o
+        }
+
+        fn fwd(&mut self, from: u32, f: &mut [u8], zone: u32) -> Seen {
+            match self.go(from, f) {
+                Outcome::Forward { zone: z, dst, .. } => {
+                    assert_eq!(z, zone, "target zone");
+                    assert_eq!(*seen(f).dst.ip(), dst);
+                }
+                o => panic!("expected Forward to zone {zone}, got {o:?}"),
+            }
+            verify(f);
+            seen(f)
+        }
+
+        /// Connections per stripe.
+        fn lens(&self) -> Vec<usize> {
+            self.nats.iter().map(|n| n.conntrack().len()).collect()
+        }
+
+        /// Every stripe holds only its own ports, and only connections
+        /// whose two keys lead to it.
+        fn check(&self) {
+            for (i, n) in self.nats.iter().enumerate() {
+                for m in n.mappings() {
+                    assert_eq!(
+                        usize::from(m.external.port()) % self.nats.len(),
+                        i,
+                        "{m:?} in stripe {i}"
+                    );
+                }
+                for (_, o, r, _) in n.conntrack().all_keys() {
+                    assert_eq!(self.steer.of_key(&o), i, "{o:?} in stripe {i}");
+                    assert_eq!(self.steer.of_key(&r), i, "{r:?} in stripe {i}");
+                }
+            }
+        }
+    }
+
+    /// A forward whose external and inside ports are in different stripes
+    /// of 4 (8081 % 4 == 1, 80 % 4 == 0), beside the VM's floating IP.
+    fn cross_rules() -> Rules {
+        Rules {
+            snat: vec![snat(Z7), snat(Z8)],
+            floating: vec![floating()],
+            forwards: vec![PortForward {
+                external: sa(E, 8081),
+                ..forward()
+            }],
+            ..Rules::default()
+        }
+    }
+
+    #[test]
+    fn steering_counts_are_powers_of_two() {
+        assert_eq!(Steering::new(&Rules::default(), 0).count(), 1);
+        assert_eq!(Steering::new(&Rules::default(), 3).count(), 2);
+        assert_eq!(Steering::new(&Rules::default(), 8).count(), 8);
+        assert_eq!(Steering::new(&Rules::default(), 1000).count(), MAX_STRIPES);
+    }
+
+    #[test]
+    fn snat_ports_stay_in_their_stripe_and_answers_find_them() {
+        let mut s = S::new(snat_rules(), 4);
+        let a = s.fwd(Z7, &mut pkt(VM, SRV, 40001, 80, L::Syn(1)), EXTERNAL_ZONE);
+        assert_eq!(a.src, sa(E, 40001), "kept: 40001 is its stripe's");
+        let b = s.fwd(Z7, &mut pkt(VM2, SRV, 40001, 80, L::Syn(1)), EXTERNAL_ZONE);
+        assert_ne!(b.src.port(), 40001);
+        assert_eq!(b.src.port() % 4, 1, "another port of the same stripe");
+        assert_eq!(s.lens(), vec![0, 2, 0, 0]);
+        // The answers come back to each VM.
+        let r = s.fwd(
+            EXTERNAL_ZONE,
+            &mut pkt(SRV, E, 80, b.src.port(), L::SynAck(9, 2)),
+            Z7,
+        );
+        assert_eq!(r.dst, sa(VM2, 40001));
+        let r = s.fwd(
+            EXTERNAL_ZONE,
+            &mut pkt(SRV, E, 80, 40001, L::SynAck(9, 2)),
+            Z7,
+        );
+        assert_eq!(r.dst, sa(VM, 40001));
+        // Echo identifiers the same way.
+        let e = s.fwd(Z8, &mut pkt(VM, SRV, 0, 0, L::EchoReq(7)), EXTERNAL_ZONE);
+        let e2 = s.fwd(Z7, &mut pkt(VM, SRV, 0, 0, L::EchoReq(7)), EXTERNAL_ZONE);
+        assert_ne!(e.src.port(), e2.src.port());
+        assert_eq!((e.src.port() % 4, e2.src.port() % 4), (3, 3));
+        let r = s.fwd(
+            EXTERNAL_ZONE,
+            &mut pkt(SRV, E, 0, 0, L::EchoRep(e2.src.port())),
+            Z7,
+        );
+        assert_eq!((*r.dst.ip(), r.src.port()), (ip(VM), 7));
+        // An error quoting a translated packet reaches its sender.
+        let mut f = pkt(VM, SRV, 33002, 33434, L::Udp(20));
+        let sent = f.clone();
+        s.fwd(Z7, &mut f, EXTERNAL_ZONE);
+        let mut err = unreach(ROUTER, E, &f[14..]);
+        let x = s.fwd(EXTERNAL_ZONE, &mut err, Z7);
+        assert_eq!(*x.dst.ip(), ip(VM));
+        assert_eq!(&err[14 + 28..], &sent[14..]);
+        let st = striped::stats(&mut s.nats[..]);
+        assert_eq!((st.snat_new, st.icmp_errors), (5, 1));
+        let pool = striped::pools(&mut s.nats[..])
+            .into_iter()
+            .find(|p| p.external == ip(E) && p.proto == 6)
+            .unwrap();
+        assert_eq!(pool.used, 2);
+        assert_eq!(pool.used + pool.free, pool.ports, "the shares add up");
+        assert_eq!(striped::mappings(&mut s.nats[..]).len(), 5);
+    }
+
+    #[test]
+    fn a_forward_lives_in_its_targets_stripe() {
+        let mut s = S::new(cross_rules(), 4);
+        let f = s.fwd(EXTERNAL_ZONE, &mut pkt(SRV, E, 33000, 8081, L::Syn(1)), Z7);
+        assert_eq!(f.dst, sa(VM, 80));
+        let g = s.fwd(EXTERNAL_ZONE, &mut pkt(SRV, FIP, 33001, 80, L::Syn(1)), Z7);
+        assert_eq!(g.dst, sa(VM, 80));
+        assert_eq!(s.lens(), vec![2, 0, 0, 0], "both in 80's stripe");
+        // VM:80 answers both, each through its own connection.
+        let a = s.fwd(
+            Z7,
+            &mut pkt(VM, SRV, 80, 33000, L::SynAck(5, 2)),
+            EXTERNAL_ZONE,
+        );
+        assert_eq!(a.src, sa(E, 8081));
+        let b = s.fwd(
+            Z7,
+            &mut pkt(VM, SRV, 80, 33001, L::SynAck(5, 2)),
+            EXTERNAL_ZONE,
+        );
+        assert_eq!(b.src, sa(FIP, 80));
+        // An error about the forward's packet, quoting it as the VM got
+        // it, goes out; one from outside quoting the answer comes in.
+        let q = pkt(SRV, VM, 33000, 80, L::Syn(1));
+        let mut err = unreach(VM, SRV, &q[14..]);
+        let e = s.fwd(Z7, &mut err, EXTERNAL_ZONE);
+        assert_eq!(*e.src.ip(), ip(E), "the VM's address does not leak");
+        let mut a = pkt(VM, SRV, 80, 33000, L::Ack(6, 2));
+        s.fwd(Z7, &mut a, EXTERNAL_ZONE);
+        let mut err = unreach(ROUTER, E, &a[14..]);
+        let e = s.fwd(EXTERNAL_ZONE, &mut err, Z7);
+        assert_eq!(*e.dst.ip(), ip(VM));
+        // A new connection of VM:80 starts there too.
+        s.fwd(Z7, &mut pkt(VM, SRV2, 80, 443, L::Syn(1)), EXTERNAL_ZONE);
+        assert_eq!(s.lens(), vec![3, 0, 0, 0]);
+    }
+
+    #[test]
+    fn export_import_keeps_connections_and_rejects_misplaced_ones() {
+        let mut s = S::new(cross_rules(), 4);
+        let a = s.fwd(Z7, &mut pkt(VM2, SRV, 40001, 80, L::Udp(4)), EXTERNAL_ZONE);
+        s.fwd(Z8, &mut pkt(VM2, SRV, 40001, 80, L::Udp(4)), EXTERNAL_ZONE);
+        s.fwd(EXTERNAL_ZONE, &mut pkt(SRV, E, 33000, 8081, L::Syn(1)), Z7);
+        s.fwd(EXTERNAL_ZONE, &mut pkt(SRV, FIP, 33001, 80, L::Syn(1)), Z7);
+        let snap = striped::export(&mut s.nats[..], s.now);
+        assert_eq!(snap.conntrack.entries.len(), 4);
+
+        let mut t = S::new(cross_rules(), 4);
+        let rep = striped::import(&mut t.nats[..], &t.steer.clone(), snap.clone(), t.now).unwrap();
+        assert_eq!((rep.conntrack.imported, rep.rejected), (4, 0));
+        assert_eq!(t.lens(), s.lens());
+        t.check();
+        let r = t.fwd(
+            EXTERNAL_ZONE,
+            &mut pkt(SRV, E, 80, a.src.port(), L::Udp(4)),
+            Z7,
+        );
+        assert_eq!(r.dst, sa(VM2, 40001));
+        let r = t.fwd(
+            Z7,
+            &mut pkt(VM, SRV, 80, 33000, L::SynAck(5, 2)),
+            EXTERNAL_ZONE,
+        );
+        assert_eq!(r.src, sa(E, 8081));
+        // The ports stay taken: a new mapping does not get them.
+        let n = t.fwd(Z8, &mut pkt(VM, SRV, 40001, 80, L::Udp(4)), EXTERNAL_ZONE);
+        assert_ne!(n.src.port(), 40001);
+
+        // Into one NAT everything fits.
+        let mut one = H::new(cross_rules());
+        let rep = one.nat.import(snap, one.now).unwrap();
+        assert_eq!((rep.conntrack.imported, rep.rejected), (4, 0));
+
+        // From one NAT: a port it picked outside the inside port's stripe
+        // has no stripe that both directions look in.
+        let mut h = H::new(snat_rules());
+        h.fwd(Z7, &mut pkt(VM, SRV, 40001, 80, L::Udp(4)), EXTERNAL_ZONE);
+        let p = h.fwd(Z7, &mut pkt(VM2, SRV, 40001, 80, L::Udp(4)), EXTERNAL_ZONE);
+        assert_eq!(p.src.port(), 1024);
+        let mut t = S::new(snat_rules(), 4);
+        let steer = t.steer.clone();
+        let rep = striped::import(&mut t.nats[..], &steer, h.nat.export(h.now), t.now).unwrap();
+        assert_eq!((rep.conntrack.imported, rep.rejected), (1, 1));
+    }
+
+    /// One flow of the differential test.
+    #[derive(Debug, Clone, Copy)]
+    struct Flow {
+        zone: u32,
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        dport: u16,
+        kind: u8,
+    }
+
+    fn flow() -> impl Strategy<Value = Flow> {
+        (
+            prop_oneof![Just(Z7), Just(Z8), Just(EXTERNAL_ZONE)],
+            prop_oneof![Just(VM), Just(VM2), Just(SRV)],
+            prop_oneof![
+                Just(80u16),
+                Just(1100),
+                Just(1101),
+                Just(1102),
+                Just(40001),
+                Just(8081)
+            ],
+            prop_oneof![Just(SRV), Just(SRV2), Just(E), Just(FIP)],
+            prop_oneof![Just(80u16), Just(8081), Just(53)],
+            0u8..3,
+        )
+            .prop_map(|(zone, src, sport, dst, dport, kind)| Flow {
+                zone,
+                src,
+                sport,
+                dst,
+                dport,
+                kind,
+            })
+    }
+
+    fn request(f: &Flow) -> Vec<u8> {
+        match f.kind {
+            0 => pkt(f.src, f.dst, f.sport, f.dport, L::Syn(1)),
+            1 => pkt(f.src, f.dst, f.sport, f.dport, L::Udp(6)),
+            _ => pkt(f.src, f.dst, 0, 0, L::EchoReq(f.sport)),
+        }
+    }
+
+    fn answer(f: &Flow, to: &Seen) -> Vec<u8> {
+        let (s, d) = (to.dst.ip().octets(), to.src.ip().octets());
+        match f.kind {
+            0 => pkt(s, d, to.dst.port(), to.src.port(), L::SynAck(7, 2)),
+            1 => pkt(s, d, to.dst.port(), to.src.port(), L::Udp(6)),
+            _ => pkt(s, d, 0, 0, L::EchoRep(to.src.port())),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// A set of 4 decides like one NAT: same outcome for every packet
+        /// and its answer, and every answer reaches the sender as it sent.
+        #[test]
+        fn a_set_decides_like_one_nat(flows in proptest::collection::vec(flow(), 1..24)) {
+            // A small table and range: the harness counts free ports on
+            // every packet.
+            let small = Config { max_entries: 1024, ..Config::default() };
+            let rules = Rules { ports: (1024, 2047), ..cross_rules() };
+            let mut one = H::with(small, rules.clone());
+            let mut set = S::with(small, rules, 4);
+            for f in &flows {
+                let mut a = request(f);
+                let mut b = a.clone();
+                let oa = one.go(f.zone, &mut a);
+                let ob = set.go(f.zone, &mut b);
+                prop_assert_eq!(oa, ob, "{:?}", f);
+                let Outcome::Forward { zone, .. } = oa else { continue };
+                // Destinations agree; sources may differ in port only.
+                let (sa_, sb) = (seen(&a), seen(&b));
+                prop_assert_eq!(sa_.dst, sb.dst);
+                prop_assert_eq!(sa_.src.ip(), sb.src.ip());
+                let (mut ra, mut rb) = (answer(f, &sa_), answer(f, &sb));
+                let back_a = one.go(zone, &mut ra);
+                let back_b = set.go(zone, &mut rb);
+                prop_assert_eq!(back_a, back_b, "answer to {:?}", f);
+                if let Outcome::Forward { .. } = back_b {
+                    // The sender's address and port (for echo, the
+                    // answer's identifier).
+                    let sent = seen(&request(f)).src;
+                    let got = |s: Seen| match f.kind {
+                        2 => SocketAddrV4::new(*s.dst.ip(), s.src.port()),
+                        _ => s.dst,
+                    };
+                    prop_assert_eq!(got(seen(&rb)), sent, "{:?}", f);
+                    prop_assert_eq!(got(seen(&ra)), sent, "{:?}", f);
+                }
+            }
+        }
+    }
+}

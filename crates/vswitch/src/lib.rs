@@ -26,6 +26,7 @@ pub mod filter;
 pub mod lab;
 pub mod lb_tables;
 pub mod metrics;
+pub mod nat_tables;
 pub mod pipeline;
 pub mod stripes;
 pub mod table;

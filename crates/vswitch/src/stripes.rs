@@ -38,7 +38,7 @@ const EXPIRE_MIN_PER_STRIPE: usize = 16;
 /// invalidate another's.
 #[repr(align(128))]
 #[derive(Debug)]
-struct Padded<T>(T);
+pub(crate) struct Padded<T>(pub(crate) T);
 
 /// What a stripe holds: a conntrack table, alone or inside something
 /// that keeps more per zone.

@@ -662,13 +662,14 @@ fn render_nat(d: &Value) -> String {
     let up = &d["uplink"];
     let mut out = if up.is_object() {
         format!(
-            "uplink {}: {} via {} (mac {}), SNAT ports {}; {} connections\n\n",
+            "uplink {}: {} via {} (mac {}), SNAT ports {}; {} connections in {} stripes\n\n",
             s(&up["name"]),
             s(&up["address"]),
             s(&up["gateway"]),
             s(&up["mac"]),
             s(&up["snat_ports"]),
-            s(&d["connections"])
+            s(&d["connections"]),
+            s(&d["stripes"])
         )
     } else {
         "this host has no uplink\n\n".to_string()

@@ -95,16 +95,15 @@ impl Daemon {
         let tenant_of_port = |id: crate::fdb::PortId| snap.port(id).map(|p| p.tenant.as_str());
         let mut entries: Vec<Value> = Vec::new();
         let (nat_total, nat_stats, max_entries) = {
-            let nat = self.nat.lock();
-            let ct = nat.conntrack();
-            for e in ct.entries(now.0) {
+            let nat = &self.nat;
+            nat.for_each_entry(now.0, |e| {
                 if zone.is_some_and(|z| e.orig.zone != z && e.reply.zone != z)
                     || port_id.is_some_and(|p| e.port != p)
                 {
-                    continue;
+                    return;
                 }
                 let mut v = entry_json(
-                    &e,
+                    e,
                     &snap,
                     side(&e.orig, nat_zone(&cfg, e.orig.zone)),
                     side(&e.reply, nat_zone(&cfg, e.reply.zone)),
@@ -112,11 +111,11 @@ impl Daemon {
                 v["table"] = json!("nat");
                 v["nat"] = json!(e.ext.kind);
                 entries.push(v);
-            }
+            });
             (
-                ct.len(),
-                serde_json::to_value(ct.stats()).unwrap_or_default(),
-                ct.config().max_entries,
+                nat.len(),
+                serde_json::to_value(nat.conntrack_stats()).unwrap_or_default(),
+                nat.max_entries(),
             )
         };
         let (sg_total, sg_stats) = {
@@ -159,7 +158,7 @@ impl Daemon {
             .map(|x| x.id)
             .ok_or_else(|| format!("no port {port:?} on this host"))?;
         let sg = self.sg_table.flush_zone(security::zone_of(id));
-        let nat = self.nat.lock().flush_port(id);
+        let nat = self.nat.flush_port(id);
         Ok(json!({"port": port, "flushed": {"sg": sg, "nat": nat}}))
     }
 
@@ -331,7 +330,7 @@ impl Daemon {
                 "external": f.external.to_string(), "inside": f.inside.to_string()})
             })
             .collect();
-        let nat = self.nat.lock();
+        let nat = &self.nat;
         let proto = |p: u8| match p {
             6 => "tcp".to_string(),
             17 => "udp".to_string(),
@@ -362,7 +361,7 @@ impl Daemon {
                 "gateway": u.gateway.map(|g| g.to_string()), "mac": u.mac.to_string(),
                 "snat_ports": format!("{}-{}", u.snat_ports.0, u.snat_ports.1)})),
             "snat": snat, "floating_ips": floating, "port_forwards": forwards,
-            "connections": nat.conntrack().len(),
+            "connections": nat.len(), "stripes": nat.count(),
             "stats": nat.stats(),
         })
     }
@@ -511,7 +510,7 @@ impl Daemon {
             version: 1,
             saved_at: unix_secs(),
             ports: self.port_ids(),
-            nat: self.nat.lock().export(now),
+            nat: self.nat.export(now),
             sg: self.sg_table.export(now),
             lb: Some(self.lasting.lb.export(now)),
         };
@@ -550,7 +549,7 @@ impl Daemon {
             return;
         }
         let now = Timestamp::now().0;
-        match self.nat.lock().import(saved.nat, now) {
+        match self.nat.import(saved.nat, now) {
             Ok(r) => tracing::info!(report = ?r, "NAT connections restored"),
             Err(e) => tracing::warn!(error = %e, "NAT connections not restored"),
         }

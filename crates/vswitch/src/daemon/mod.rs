@@ -31,6 +31,7 @@ use crate::dhcp_service::{DhcpQueue, DhcpService};
 use crate::directory::{Directory, StaticDirectory};
 use crate::fdb::{Fdb, PortId};
 use crate::lb_tables::LbTables;
+use crate::nat_tables::NatTables;
 use crate::pipeline::external::UplinkRt;
 use crate::pipeline::router::{Leg, Neighbours, Router};
 use crate::pipeline::security::{self, PortSg, SgTables};
@@ -143,7 +144,7 @@ pub struct Daemon {
     state: Mutex<State>,
     started: Instant,
     underlay: Option<Arc<Underlay>>,
-    nat: Arc<Mutex<nat::Nat>>,
+    nat: Arc<NatTables>,
     /// NAT, the balancer's table and pools, for new snapshots.
     lasting: Lasting,
     /// The load balancers' health-check thread.
@@ -158,7 +159,7 @@ pub struct Daemon {
 /// The tables that outlive snapshots (reloads) and go into each one.
 #[derive(Debug, Clone)]
 struct Lasting {
-    nat: Arc<Mutex<nat::Nat>>,
+    nat: Arc<NatTables>,
     lb: Arc<LbTables>,
     balancers: Arc<crate::balancer::Balancers>,
 }
@@ -246,9 +247,11 @@ impl Daemon {
             n => n,
         };
         let config = Arc::new(config);
-        let nat = nat::Nat::new(conntrack::Config::default(), nat::Rules::default())
+        // Stripes fixed for the process: from the starting config's range.
+        let stripes = crate::nat_tables::stripes_for(config.nat_rules().ports);
+        let nat = NatTables::new(conntrack::Config::default(), stripes)
             .map_err(|e| ApplyError::Nat(e.to_string()))?;
-        let nat = Arc::new(Mutex::new(nat));
+        let nat = Arc::new(nat);
         // Per-port caps are the ports' own (`max_connections`, checked by
         // the stage); the table's is only the global one, over all shards.
         let sg_table = SgTables::new_sg(conntrack::Config {
@@ -409,7 +412,6 @@ impl Daemon {
         // NAT rules: refused before anything changes. Tracked connections
         // keep their mappings.
         self.nat
-            .lock()
             .set_rules(new.nat_rules())
             .map_err(|e| ApplyError::Nat(e.to_string()))?;
 
@@ -726,7 +728,7 @@ impl Daemon {
         // Bounded work per tick: at most this many connections reaped (a
         // full table drains over several ticks; lookups never see an
         // expired entry meanwhile).
-        self.nat.lock().expire(now.0, 65_536);
+        self.nat.expire(now.0, 65_536);
         self.sg_table.expire(now.0, 65_536);
         self.lasting.lb.expire(now.0, 65_536);
     }

@@ -18,7 +18,7 @@ impl Snapshot {
     pub fn owns_external(&self, ip: Ipv4Addr) -> bool {
         self.uplink.as_ref().is_some_and(|u| u.addr.addr() == ip)
             || self.owns_external_vip(ip)
-            || self.nat.lock().owns(ip)
+            || self.nat.owns(ip)
     }
 
     /// A frame received on the uplink (see `pipeline::external`).
@@ -145,7 +145,6 @@ impl Snapshot {
             }
         }
         self.nat
-            .lock()
             .translate(from, ingress.id, key, buf.frame_mut(), partial, now.0)
     }
 
@@ -160,7 +159,7 @@ impl Snapshot {
         buf: &mut PacketBuf,
         now: Timestamp,
     ) -> Option<nat::Outcome> {
-        let (kind, zone, src, dst, new) = match self.nat.lock().preview(from, key, now.0) {
+        let (kind, zone, src, dst, new) = match self.nat.preview(from, key, buf.frame(), now.0) {
             nat::Preview::NoMatch => {
                 trace::note("nat", || "NAT: no rule or connection takes it".into());
                 return trace::dry_run().then_some(nat::Outcome::NoMatch);

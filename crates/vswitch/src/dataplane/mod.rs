@@ -23,7 +23,6 @@ use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
 use packet::{FlowKey, MacAddr, Offload, PacketBuf, L3, L4};
-use parking_lot::Mutex;
 use rustix::event::epoll;
 use rustix::event::{eventfd, EventfdFlags};
 
@@ -234,7 +233,7 @@ pub struct Snapshot {
     /// This host's uplink, if it has one.
     pub uplink: Option<UplinkRt>,
     /// NAT and its connection table; kept across reloads.
-    pub nat: Arc<Mutex<nat::Nat>>,
+    pub nat: Arc<crate::nat_tables::NatTables>,
     /// Tenant routers by conntrack zone (where NAT delivers inbound
     /// packets).
     pub routers: std::collections::HashMap<u32, Arc<router::Router>>,
