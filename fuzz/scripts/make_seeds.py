@@ -231,6 +231,12 @@ NAT_ADDR = {"vm_fip": 0, "vm_tcp": 1, "vm_udp": 2, "vm5": 3, "snat": 4, "fip": 5
             "gw_in": 8, "router": 9, "outside": 10, "not_ours": 11}
 NAT_PORT = {80: 0, 8080: 1, 53: 2, 40000: 3, 40001: 4, 40003: 5, 40007: 6, 39999: 7, 40008: 8, 5000: 9, 5001: 10,
             443: 11, 0: 12, 1024: 13, 65535: 14}
+# nat_striped has the same layout; its PORT_SET keeps the indices with other
+# ports (8081, 5002, 40002 instead of 8080, 443, 1024).
+NAT_STRIPED_PORT = {80: 0, 8081: 1, 53: 2, 40000: 3, 40001: 4, 40003: 5, 40007: 6, 39999: 7, 40008: 8, 5000: 9,
+                    5001: 10, 5002: 11, 0: 12, 40002: 13, 65535: 14}
+# The port table the nat_* helpers encode with (see nat_striped_seeds).
+NAT_PORTS = NAT_PORT
 NAT_ZONE = {7: 0, 8: 1, 0: 2}
 NAT_FLAGS = {"syn": 0, "synack": 1, "ack": 2, "pshack": 3, "finack": 4, "rst": 5, "rstack": 6}
 # ADVANCE indices: 0 none, 4 1 s, 8 61 s, 9 121 s, 10 241 s, 11 301 s
@@ -247,7 +253,7 @@ def nat_addrs(s, d):
 
 
 def nat_ports(s, d):
-    return bytes([NAT_PORT[s] | NAT_PORT[d] << 4])
+    return bytes([NAT_PORTS[s] | NAT_PORTS[d] << 4])
 
 
 def nat_tcp(zone, s, d, sp, dp, flags="syn", n=0, **kw):
@@ -260,7 +266,7 @@ def nat_udp(zone, s, d, sp, dp, n=4, **kw):
 
 def nat_echo(zone, s, d, ident, ty=0, n=4, **kw):
     """ty: 0 echo request, 1 echo reply, 2 timestamp, 6 router advertisement"""
-    return nat_op(zone, 2, nat_addrs(s, d) + bytes([NAT_PORT[ident] | ty << 4, n]), **kw)
+    return nat_op(zone, 2, nat_addrs(s, d) + bytes([NAT_PORTS[ident] | ty << 4, n]), **kw)
 
 
 def nat_reply(hist=0, flags="synack", n=0, **kw):
@@ -518,6 +524,82 @@ SEEDS = {
         "nxdomain": b"\x00" + dns_query("nope.acme.internal"),
     },
 }
+
+
+def nat_striped_seeds():
+    """Seeds of fuzz_targets/nat_striped.rs (nat_translate's layout, its own
+    PORT_SET). Stripe of a port: port % 4."""
+    global NAT_PORTS
+    NAT_PORTS = NAT_STRIPED_PORT
+    try:
+        return {
+            # zone 7 10.0.1.5:5000 -> 198.51.100.7:80 (stripe 0: SNAT port
+            # 40000), the answers; zone 8's same endpoint gets 40004 (stripe
+            # 0 again), data both ways, FIN.
+            "syn_out_synack_in": nat_tcp(7, "vm5", "remote", 5000, 80) + nat_reply(0, "synack", adv=ADV_1S)
+            + nat_reply(0, "ack") + nat_tcp(8, "vm5", "remote", 5000, 80) + nat_reply(0, "synack")
+            + nat_reply(0, "ack") + nat_reply(0, "pshack", n=20) + nat_reply(0, "finack") + nat_reply(0, "finack"),
+            # port forwards whose external and inside ports are in other
+            # stripes: tcp 203.0.113.2:8081 (1) -> 10.0.1.12:80 (0), udp
+            # 203.0.113.2:40003 (3) -> 10.0.1.13:53 (1); the answers, the
+            # VM's own port unreachable, a router's error about the answer.
+            "forwards_across_stripes": nat_tcp(0, "remote", "snat", 5001, 8081) + nat_reply(0, "synack")
+            + nat_reply(0, "ack") + nat_udp(0, "remote2", "snat", 5000, 40003) + nat_reply(0)
+            + nat_error_about(1, 0, qlen=2) + nat_error_about(1, 2, router="router", qlen=1),
+            # 4 UDP flows of zone 7 from stripe-0 ports take stripe 0's 4
+            # ports (40000, 40008 kept, 80 and 5000 get 40004, 40012); the
+            # 5th (port 0) and zone 8's are PortsExhausted (one NAT has room:
+            # the comparison ends), stripe 1 still has ports; after the
+            # timeout the ports are reused.
+            "stripe_ports_exhausted": b"".join(nat_udp(7, "vm5", "remote", p, 53) for p in (40000, 40008, 80, 5000))
+            + nat_udp(7, "vm5", "remote", 0, 53, port=2) + nat_udp(8, "vm5", "remote", 40000, 53, port=2)
+            + nat_udp(8, "vm5", "remote", 5001, 53, port=2) + nat_reply(0)
+            + nat_udp(8, "vm5", "remote", 40000, 53, port=2, adv=ADV_301S) + nat_reply(0),
+            # hairpins whose two passes are in different stripes: zone 8 to
+            # the floating IP (SNAT stripe 1, floating-in stripe 0), zone 7 to
+            # the TCP forward from a stripe-2 port, the floating IP's VM to its
+            # own address, zone 8 to the UDP forward; the servers answer.
+            "hairpins_across_stripes": nat_tcp(8, "vm5", "fip", 5001, 80) + nat_reply(0, "synack")
+            + nat_reply(0, "ack") + nat_tcp(7, "vm5", "snat", 5002, 8081) + nat_reply(0, "synack")
+            + nat_udp(7, "vm_fip", "fip", 80, 80) + nat_reply(0)
+            + nat_udp(8, "vm5", "snat", 40001, 40003) + nat_reply(0) + nat_error_about(0, 0),
+            # ICMP echo from the floating IP's VM and SNAT'd VMs, identifiers of
+            # three stripes, a timestamp, an error about an echo.
+            "echo_identifiers": nat_echo(7, "vm_fip", "remote", 5000) + nat_reply(0)
+            + nat_echo(8, "vm5", "remote", 40001) + nat_reply(0) + nat_echo(7, "vm5", "remote2", 5002, ty=2)
+            + nat_reply(0) + nat_error_about(1, 3, router="router"),
+            # an error about nothing, GRE to the floating IP (stripe 0), a
+            # tracked flow with IP options and as a later fragment, TCP with a
+            # partial checksum, flush_zone.
+            "odd_packets": nat_fresh_error(0, 0, 1, ("router", "snat"), ("snat", "remote"), (40000, 53))
+            + nat_op(0, 6, nat_addrs("remote", "fip") + bytes([47, 8])) + nat_reply(0)
+            + nat_udp(7, "vm5", "remote", 5001, 53) + nat_udp(7, "vm5", "remote", 5001, 53, mut=11)
+            + nat_udp(7, "vm5", "remote", 5001, 53, mut=12) + nat_tcp(8, "vm5", "remote", 5002, 80, partial=True)
+            + nat_reply(0, "synack", partial=True) + nat_flush_zone(8),
+            # Open finding (fuzz/README.md, Findings): ICMP errors quoting a
+            # packet as it arrived are looked up in another stripe. Zone 7's
+            # error about 10.0.1.1's own UDP packet (to 10.0.1.1 from
+            # 10.0.1.13): one NAT NoMatch, the set Drop(Invalid(IcmpErrorNoMatch)).
+            "error_quoting_a_tenants_own_packet": nat_udp(7, "gw_in", "vm_udp", 40008, 53)
+            + nat_fresh_error(7, 0, 1, ("vm_udp", "gw_in"), ("gw_in", "vm_udp"), (40008, 53), qlen=1),
+            # The same from outside, not addressed to the quoted sender: one
+            # NAT Drop(Invalid(IcmpErrorAddrMismatch)), the set
+            # Drop(Invalid(IcmpErrorNoMatch)).
+            "error_from_outside_quoting_its_own_packet": nat_tcp(0, "remote", "snat", 5001, 8081)
+            + nat_fresh_error(0, 0, 0, ("remote", "snat"), ("remote", "snat"), (5001, 8081)),
+            # ... and in a hairpin's second pass: 10.0.1.11:40003 sends to
+            # 203.0.113.2:40008 (nothing there: out of the uplink), then a port
+            # unreachable about a packet 203.0.113.2:40008 -> 10.0.1.11:40003.
+            # One NAT forwards it out of the uplink to 203.0.113.2, the set
+            # drops it (Invalid(IcmpErrorNoMatch)).
+            "error_in_hairpin_second_pass": nat_udp(7, "vm_fip", "snat", 40003, 40008)
+            + nat_fresh_error(7, 0, 1, ("vm_fip", "snat"), ("snat", "vm_fip"), (40008, 40003), qlen=1),
+        }
+    finally:
+        NAT_PORTS = NAT_PORT
+
+
+SEEDS["nat_striped"] = nat_striped_seeds()
 
 
 def main():
