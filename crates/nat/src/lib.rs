@@ -677,6 +677,25 @@ impl Nat {
         striped::translate(self, &steer, from, port, key, frame, partial_csum, now)
     }
 
+    /// Whether the ICMP error `key` (arrived in `from`) quotes a packet of
+    /// a connection this NAT tracks, as it arrived or reversed.
+    fn knows_quote(&self, from: u32, key: &FlowKey, frame: &[u8], now: u64) -> bool {
+        let (l3, l4) = (usize::from(key.l3_offset), usize::from(key.l4_offset));
+        let end = rewrite::rd16(frame, l3 + 2).map(|n| l3 + usize::from(n));
+        let Some(q) = end.and_then(|end| rewrite::quote(frame, l4, end)) else {
+            return false;
+        };
+        let qk = ConnKey {
+            zone: from,
+            src: IpAddr::V4(q.src),
+            dst: IpAddr::V4(q.dst),
+            proto: q.proto,
+            src_port: q.sport,
+            dst_port: q.dport,
+        };
+        self.ct.lookup(&qk, now).is_some() || self.ct.lookup(&qk.reverse(), now).is_some()
+    }
+
     /// Counts a translation's final outcome.
     fn record(&mut self, out: &Outcome) {
         match out {

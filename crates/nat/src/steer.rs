@@ -123,12 +123,7 @@ impl Steering {
         if let Some(k) = ConnKey::from_flow(from, key) {
             return self.of_key(&k);
         }
-        if key.ethertype != ethertype::IPV4 || !matches!(key.l4, L4::Icmpv4 { .. }) {
-            return 0;
-        }
-        let (l3, l4) = (usize::from(key.l3_offset), usize::from(key.l4_offset));
-        let end = rewrite::rd16(frame, l3 + 2).map(|n| l3 + usize::from(n));
-        let Some(q) = end.and_then(|end| rewrite::quote(frame, l4, end)) else {
+        let Some(q) = error_quote(key, frame) else {
             return 0;
         };
         match (from == EXTERNAL_ZONE, q.proto) {
@@ -141,6 +136,24 @@ impl Steering {
         }
     }
 
+    /// For an ICMP error about TCP or UDP, the stripe of the quote's other
+    /// endpoint when it is not [`Steering::stripe`]'s: conntrack matches a
+    /// quote as it arrived before it tries it reversed, so the error may
+    /// be about a connection there (a packet sent to us from outside, or
+    /// one a tenant sent, quoted back at it).
+    pub fn error_alternative(&self, from: u32, key: &FlowKey, frame: &[u8]) -> Option<usize> {
+        if self.count() == 1 || ConnKey::from_flow(from, key).is_some() {
+            return None;
+        }
+        let q = error_quote(key, frame)?;
+        let alt = match (from == EXTERNAL_ZONE, q.proto) {
+            (true, proto::TCP | proto::UDP) => self.outside(IpAddr::V4(q.dst), q.proto, q.dport),
+            (false, proto::TCP | proto::UDP) => self.class(q.sport),
+            _ => return None,
+        };
+        (alt != self.stripe(from, key, frame)).then_some(alt)
+    }
+
     /// The stripe an entry with keys `orig` and `reply` belongs in: the
     /// one both lead to (`None`: they lead to two, as an entry saved by a
     /// set with another stripe count may).
@@ -148,4 +161,14 @@ impl Steering {
         let s = self.of_key(orig);
         (s == self.of_key(reply)).then_some(s)
     }
+}
+
+/// The quote of an IPv4 ICMP error frame.
+fn error_quote(key: &FlowKey, frame: &[u8]) -> Option<rewrite::Quote> {
+    if key.ethertype != ethertype::IPV4 || !matches!(key.l4, L4::Icmpv4 { .. }) {
+        return None;
+    }
+    let (l3, l4) = (usize::from(key.l3_offset), usize::from(key.l4_offset));
+    let end = rewrite::rd16(frame, l3 + 2).map(|n| l3 + usize::from(n))?;
+    rewrite::quote(frame, l4, end)
 }

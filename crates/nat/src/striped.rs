@@ -100,7 +100,7 @@ pub fn translate<S: NatStripes + ?Sized>(
         && v4_addrs(key, frame).is_some_and(|(_, d)| steer.owns(d)))
     .then(|| frame[..frame.len().min(REWRITE_SPAN)].to_vec());
     let hairpins = |o: &Outcome| matches!(o, Outcome::Forward { zone: EXTERNAL_ZONE, dst, .. } if steer.owns(*dst));
-    let at = steer.stripe(from, key, frame);
+    let at = pick(s, steer, from, key, frame, now);
     let (first, commit) = s.with_stripe(at, |n| {
         n.committed = None;
         let out = n.pass(from, port, key, frame, partial, now, false);
@@ -116,7 +116,7 @@ pub fn translate<S: NatStripes + ?Sized>(
         s.with_stripe(at, |n| n.record(&first));
         return first;
     };
-    let back = steer.stripe(EXTERNAL_ZONE, &k2, frame);
+    let back = pick(s, steer, EXTERNAL_ZONE, &k2, frame, now);
     let out = s.with_stripe(back, |n| {
         let out = match n.pass(EXTERNAL_ZONE, port, &k2, frame, partial, now, true) {
             Outcome::Forward { zone, dst, .. } => Outcome::Forward {
@@ -154,8 +154,31 @@ pub fn preview<S: NatStripes + ?Sized>(
     frame: &[u8],
     now: u64,
 ) -> Preview {
-    let at = steer.stripe(from, key, frame);
+    let at = pick(s, steer, from, key, frame, now);
     s.with_stripe(at, |n| n.preview(from, key, now))
+}
+
+/// The packet's stripe; for an ICMP error whose quote that stripe does not
+/// know, the other endpoint's stripe when that one does (see
+/// [`Steering::error_alternative`]).
+fn pick<S: NatStripes + ?Sized>(
+    s: &mut S,
+    steer: &Steering,
+    from: u32,
+    key: &FlowKey,
+    frame: &[u8],
+    now: u64,
+) -> usize {
+    let at = steer.stripe(from, key, frame);
+    match steer.error_alternative(from, key, frame) {
+        Some(alt)
+            if !s.with_stripe(at, |n| n.knows_quote(from, key, frame, now))
+                && s.with_stripe(alt, |n| n.knows_quote(from, key, frame, now)) =>
+        {
+            alt
+        }
+        _ => at,
+    }
 }
 
 /// The stripes' counters summed.
