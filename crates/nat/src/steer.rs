@@ -137,21 +137,28 @@ impl Steering {
     }
 
     /// For an ICMP error about TCP or UDP, the stripe of the quote's other
-    /// endpoint when it is not [`Steering::stripe`]'s: conntrack matches a
+    /// endpoint when it is not `at` ([`Steering::stripe`]'s): conntrack matches a
     /// quote as it arrived before it tries it reversed, so the error may
     /// be about a connection there (a packet sent to us from outside, or
     /// one a tenant sent, quoted back at it).
-    pub fn error_alternative(&self, from: u32, key: &FlowKey, frame: &[u8]) -> Option<usize> {
-        if self.count() == 1 || ConnKey::from_flow(from, key).is_some() {
+    pub fn error_alternative(
+        &self,
+        at: usize,
+        from: u32,
+        key: &FlowKey,
+        frame: &[u8],
+    ) -> Option<usize> {
+        if self.count() == 1 {
             return None;
         }
+        // Only ICMP errors have a quote: other packets stop here.
         let q = error_quote(key, frame)?;
         let alt = match (from == EXTERNAL_ZONE, q.proto) {
             (true, proto::TCP | proto::UDP) => self.outside(IpAddr::V4(q.dst), q.proto, q.dport),
             (false, proto::TCP | proto::UDP) => self.class(q.sport),
             _ => return None,
         };
-        (alt != self.stripe(from, key, frame)).then_some(alt)
+        (alt != at).then_some(alt)
     }
 
     /// The stripe an entry with keys `orig` and `reply` belongs in: the

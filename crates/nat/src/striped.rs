@@ -170,7 +170,7 @@ fn pick<S: NatStripes + ?Sized>(
     now: u64,
 ) -> usize {
     let at = steer.stripe(from, key, frame);
-    match steer.error_alternative(from, key, frame) {
+    match steer.error_alternative(at, from, key, frame) {
         Some(alt)
             if !s.with_stripe(at, |n| n.knows_quote(from, key, frame, now))
                 && s.with_stripe(alt, |n| n.knows_quote(from, key, frame, now)) =>
