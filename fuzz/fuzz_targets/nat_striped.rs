@@ -52,9 +52,8 @@
 //! names a port whose meaning differs, where a new mapping (all its
 //! entries new, so its port was allocated, even the one it had) takes a
 //! port that live entries without a mapping use, or where decoding
-//! differs. Tolerated: the open finding of fuzz/README.md (an ICMP error
-//! quoting a packet as it arrived is looked up in another stripe; see
-//! `error_quote_divergence`).
+//! differs. Nothing else is tolerated (the one finding, an ICMP error whose
+//! quote is known in another stripe, is fixed: see fuzz/README.md).
 //!
 //! At the end: `striped::export` survives JSON; a fresh set imports all of
 //! it (nothing rejected, no conflicts), every entry into the stripe it was
@@ -1406,44 +1405,6 @@ fn comparable(a: &[u8], b: &[u8], sa: &Summary, sb: &Summary) -> bool {
         })
 }
 
-/// Open finding (fuzz/README.md, Findings): the set looks an ICMP error
-/// up in the stripe of the quoted packet's inside (tenant) or our (uplink)
-/// endpoint; a quote that is one of an entry's keys as that packet
-/// arrived (not as NAT translated it: a packet the tenant sent, or one
-/// that came to us, also in a hairpin's second pass) names the entry's
-/// other endpoint there, and the entry may be in another stripe. The set
-/// then says `Invalid(IcmpErrorNoMatch)` where one NAT finds the entry
-/// and says `Invalid(IcmpErrorAddrMismatch)` (the error is not addressed
-/// to the quoted sender), `NoMatch` (it is: NAT translates errors about
-/// translated packets only), or, as a hairpin's second pass, forwards the
-/// first pass's rewrite out of the uplink to our own address. Nothing
-/// changes in the tables. `Some(true)`: tolerated, the sides still
-/// compare; `Some(false)`: tolerated, but one NAT forwarded a packet the
-/// set did not (the histories differ from now on).
-fn error_quote_divergence(
-    frame: &[u8],
-    set: &Option<Outcome>,
-    one: &Option<Outcome>,
-) -> Option<bool> {
-    use conntrack::Invalid::{IcmpErrorAddrMismatch, IcmpErrorNoMatch};
-    let error = FlowKey::parse(frame)
-        .is_ok_and(|k| matches!(k.l4, L4::Icmpv4 { ty, .. } if packet::view::is_icmpv4_error(ty)));
-    if !error || !matches!(set, Some(Outcome::Drop(NatDrop::Invalid(IcmpErrorNoMatch)))) {
-        return None;
-    }
-    match one {
-        Some(Outcome::NoMatch | Outcome::Drop(NatDrop::Invalid(IcmpErrorAddrMismatch))) => {
-            Some(true)
-        }
-        Some(Outcome::Forward {
-            zone: EXT,
-            dst,
-            hairpin: false,
-        }) if owned(*dst) => Some(false),
-        _ => None,
-    }
-}
-
 fn show(f: &[u8]) -> String {
     match FlowKey::parse(f) {
         Ok(k) => format!("{:?} {:?} {:?}", k.l3, k.l4, k.malformed),
@@ -1824,17 +1785,7 @@ fuzz_target!(|data: &[u8]| {
                         }
                     }
                     if !(capacity(&out) || capacity(&out2) || aa.reused(&sa) || ab.reused(&sb)) {
-                        why = "open finding (ICMP error quote), one NAT forwarded";
-                        keep = match error_quote_divergence(&frame0, &out, &out2) {
-                            Some(still) => still,
-                            None => {
-                                assert_eq!(
-                                    out, out2,
-                                    "op {ops}: the set (left) and one NAT differ"
-                                );
-                                true
-                            }
-                        };
+                        assert_eq!(out, out2, "op {ops}: the set (left) and one NAT differ");
                     }
                 }
             }

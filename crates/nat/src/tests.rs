@@ -1661,6 +1661,42 @@ mod striped_set {
         assert_eq!(s.lens(), vec![3, 0, 0, 0]);
     }
 
+    /// The `nat_striped` fuzz finding: an ICMP error quoting a packet as it
+    /// arrived (not as NAT rewrote it) names the entry's other endpoint,
+    /// whose stripe may not hold the entry. The set then asks the other
+    /// endpoint's stripe and answers as one NAT does.
+    #[test]
+    fn an_error_quoting_a_packet_as_it_arrived_is_judged_like_one_nat() {
+        let mut s = S::new(cross_rules(), 4);
+        let mut one = H::new(cross_rules());
+        // From outside: the forward's SYN (entry in 80's stripe, 0), then
+        // the sender's own error about it, quoting it as it sent it (its
+        // source port 33001 leads to stripe 1).
+        let syn = pkt(SRV, E, 33001, 8081, L::Syn(1));
+        s.fwd(EXTERNAL_ZONE, &mut syn.clone(), Z7);
+        one.fwd(EXTERNAL_ZONE, &mut syn.clone(), Z7);
+        let err = unreach(SRV, E, &syn[14..]);
+        let want = one.go(EXTERNAL_ZONE, &mut err.clone());
+        assert_eq!(
+            want,
+            Outcome::Drop(NatDrop::Invalid(Invalid::IcmpErrorAddrMismatch))
+        );
+        assert_eq!(s.go(EXTERNAL_ZONE, &mut err.clone()), want);
+        // From a tenant: UDP to a neighbour's port 53 (SNAT entry in the
+        // stripe of source port 40008, 0), then the neighbour's error
+        // about it, quoting it as sent (destination port 53: stripe 1).
+        let u = pkt(VM, VM2, 40008, 53, L::Udp(4));
+        assert!(matches!(
+            s.go(Z7, &mut u.clone()),
+            Outcome::Forward { .. } | Outcome::NoMatch
+        ));
+        one.go(Z7, &mut u.clone());
+        let err = unreach(VM2, VM, &u[14..]);
+        let want = one.go(Z7, &mut err.clone());
+        assert_eq!(s.go(Z7, &mut err.clone()), want);
+        assert_eq!(s.lens().iter().sum::<usize>(), one.nat.conntrack().len());
+    }
+
     #[test]
     fn export_import_keeps_connections_and_rejects_misplaced_ones() {
         let mut s = S::new(cross_rules(), 4);

@@ -32,4 +32,5 @@ pub mod stripes;
 pub mod table;
 pub mod tap;
 pub mod trace;
+pub mod udp_gso;
 pub mod underlay;

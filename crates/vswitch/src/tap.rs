@@ -1,4 +1,5 @@
-//! Tap devices with the virtio-net header: the only module with `unsafe`.
+//! Tap devices with the virtio-net header: one of the two modules with
+//! `unsafe` (the other is `udp_gso`).
 //!
 //! Why our own module: the `tun-tap` crate has no vnet header support, and
 //! the rest of what we need is five ioctls. The device is opened

@@ -8,7 +8,8 @@
 //! receive (one `recvmmsg` slot holds many datagrams of one sender). The
 //! socket calls (sendmsg with `UDP_SEGMENT`, recvmmsg with `UDP_GRO`
 //! control messages) come from `quinn-udp`, the QUIC stack's well-kept UDP
-//! layer; sockets are built with `socket2`.
+//! layer, except the gathered train of [`Underlay::send_vectored`]
+//! ([`crate::udp_gso`]); sockets are built with `socket2`.
 //!
 //! Source-port entropy (RFC 7348 section 5): a socket has one source port,
 //! so the switch binds `[underlay] src_ports` send sockets to consecutive
@@ -253,6 +254,23 @@ impl Underlay {
             }
         }
         Ok(())
+    }
+
+    /// [`Underlay::send`] of contents gathered from `iov` (see
+    /// [`crate::udp_gso`]), without the capture point: while a capture is
+    /// active the caller sends contiguously.
+    pub fn send_vectored(
+        &self,
+        hash: u32,
+        dst: SocketAddrV4,
+        iov: &[io::IoSlice<'_>],
+        segment_size: Option<u16>,
+    ) -> io::Result<()> {
+        let n = self.tx.len().max(1);
+        let Some(s) = self.tx.get(hash as usize % n) else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        crate::udp_gso::send(&s.sock, dst, iov, segment_size).map(|_| ())
     }
 
     /// Offers one VXLAN datagram to the underlay's captures, as the wire

@@ -20,6 +20,10 @@ use crate::underlay::{is_vtep, PeerRt, Underlay, RX_SLOT};
 /// UDP GSO train included.
 const MAX_UDP_PAYLOAD: usize = 65_535 - 20 - 8;
 
+/// Most datagrams one gathered send carries (the kernel's UDP GSO limit
+/// is 64 or 128 segments; a 64 KB train of 1400-byte datagrams is ~46).
+const MAX_GATHER: usize = 64;
+
 /// Receive slots per `recvmmsg`: each holds a UDP GRO train of up to
 /// 64 KB, so 8 keep a batch (512 KB) near the cache; more measured no
 /// faster.
@@ -34,6 +38,10 @@ pub(super) struct OverlayScratch {
     tx: Vec<u8>,
     /// Segment lengths of the train.
     seg_lens: Vec<usize>,
+    /// Per-segment headers of a gathered train.
+    hdrs: Vec<u8>,
+    /// Payload ranges of a gathered train in the super-frame.
+    payloads: Vec<std::ops::Range<usize>>,
     /// Receive slots.
     slots: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
@@ -46,6 +54,8 @@ impl Default for OverlayScratch {
         OverlayScratch {
             tx: Vec::with_capacity(128 * 1024),
             seg_lens: Vec::with_capacity(128),
+            hdrs: Vec::with_capacity(128 * 128),
+            payloads: Vec::with_capacity(128),
             slots: Vec::new(),
             meta: Vec::new(),
             gro: packet::gro::Gro::new(8),
@@ -283,6 +293,19 @@ fn send(
             .fetch_add(len as u64, Ordering::Relaxed);
         return Ok(());
     }
+    if ul.gso && !ul.capture.active() {
+        let (_, stride) =
+            packet::gso::segment_headers(buf, &header, &mut sc.hdrs, &mut sc.payloads)
+                .map_err(|_| DropReason::OffloadFailed)?;
+        match send_gathered(ul, peer, hash, buf.frame(), &sc.hdrs, stride, &sc.payloads) {
+            Ok(()) => return Ok(()),
+            // Nothing sent, and not for want of room (say, a device
+            // without UDP GSO said EIO): the contiguous path, whose socket
+            // layer falls back to one datagram per send.
+            Err((0, e)) if e.kind() != io::ErrorKind::WouldBlock => {}
+            Err((_, e)) => return Err(send_error(&e)),
+        }
+    }
     sc.tx.clear();
     sc.seg_lens.clear();
     let lens = &mut sc.seg_lens;
@@ -291,6 +314,64 @@ fn send(
     })
     .map_err(|_| DropReason::OffloadFailed)?;
     send_train(ul, peer, hash, &sc.tx, &sc.seg_lens)
+}
+
+/// Sends the segments of [`packet::gso::segment_headers`] (segment `i`:
+/// `hdrs[i * stride..][..stride]` then `frame[payloads[i]]`) as UDP GSO
+/// trains gathered from those pieces, cut as [`send_train`] cuts. Stops at
+/// the first error, saying how many segments went before it.
+fn send_gathered(
+    ul: &Underlay,
+    peer: &PeerRt,
+    hash: u32,
+    frame: &[u8],
+    hdrs: &[u8],
+    stride: usize,
+    payloads: &[std::ops::Range<usize>],
+) -> Result<(), (usize, io::Error)> {
+    let invalid = |i| Err((i, io::Error::from(io::ErrorKind::InvalidInput)));
+    let max = ul.max_segments().clamp(1, MAX_GATHER);
+    let mut iov: [io::IoSlice<'_>; 2 * MAX_GATHER] = [io::IoSlice::new(&[]); 2 * MAX_GATHER];
+    let mut i = 0;
+    while i < payloads.len() {
+        let size = stride + payloads[i].len();
+        let (mut j, mut total) = (i, 0);
+        while j < payloads.len() && j - i < max {
+            let len = stride + payloads[j].len();
+            if len > size || total + len > MAX_UDP_PAYLOAD {
+                break;
+            }
+            let (Some(h), Some(p)) = (
+                hdrs.get(j * stride..(j + 1) * stride),
+                frame.get(payloads[j].clone()),
+            ) else {
+                return invalid(i);
+            };
+            iov[2 * (j - i)] = io::IoSlice::new(h);
+            iov[2 * (j - i) + 1] = io::IoSlice::new(p);
+            total += len;
+            j += 1;
+            if len < size {
+                break;
+            }
+        }
+        let seg = match u16::try_from(size) {
+            _ if j == i => return invalid(i),
+            _ if j - i == 1 => None,
+            Ok(s) => Some(s),
+            Err(_) => return invalid(i),
+        };
+        ul.send_vectored(hash, peer.addr, &iov[..2 * (j - i)], seg)
+            .map_err(|e| (i, e))?;
+        peer.counters
+            .tx_packets
+            .fetch_add((j - i) as u64, Ordering::Relaxed);
+        peer.counters
+            .tx_bytes
+            .fetch_add(total as u64, Ordering::Relaxed);
+        i = j;
+    }
+    Ok(())
 }
 
 /// Sends datagrams laid end to end in `data` (lengths `lens`): runs of
