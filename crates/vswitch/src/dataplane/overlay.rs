@@ -335,28 +335,18 @@ fn send_gathered(
     let mut i = 0;
     while i < payloads.len() {
         let size = stride + payloads[i].len();
-        let (mut j, mut total) = (i, 0);
-        while j < payloads.len() && j - i < max {
-            let len = stride + payloads[j].len();
-            if len > size || total + len > MAX_UDP_PAYLOAD {
-                break;
-            }
+        let (j, total) = run_end(|k| stride + payloads[k].len(), payloads.len(), i, max);
+        for k in i..j {
             let (Some(h), Some(p)) = (
-                hdrs.get(j * stride..(j + 1) * stride),
-                frame.get(payloads[j].clone()),
+                hdrs.get(k * stride..(k + 1) * stride),
+                frame.get(payloads[k].clone()),
             ) else {
                 return invalid(i);
             };
-            iov[2 * (j - i)] = io::IoSlice::new(h);
-            iov[2 * (j - i) + 1] = io::IoSlice::new(p);
-            total += len;
-            j += 1;
-            if len < size {
-                break;
-            }
+            iov[2 * (k - i)] = io::IoSlice::new(h);
+            iov[2 * (k - i) + 1] = io::IoSlice::new(p);
         }
         let seg = match u16::try_from(size) {
-            _ if j == i => return invalid(i),
             _ if j - i == 1 => None,
             Ok(s) => Some(s),
             Err(_) => return invalid(i),
@@ -374,6 +364,27 @@ fn send_gathered(
     Ok(())
 }
 
+/// Where the run of datagrams that starts at `i` ends (exclusive) and its
+/// bytes, for datagram lengths `len(0..n)`: equal sizes, then at most one
+/// shorter tail, at most `max` datagrams and [`MAX_UDP_PAYLOAD`] bytes
+/// (the first datagram always belongs to it). One UDP GSO send each.
+fn run_end(len: impl Fn(usize) -> usize, n: usize, i: usize, max: usize) -> (usize, usize) {
+    let size = len(i);
+    let (mut j, mut total) = (i + 1, size);
+    while j < n && j - i < max {
+        let l = len(j);
+        if l > size || total + l > MAX_UDP_PAYLOAD {
+            break;
+        }
+        total += l;
+        j += 1;
+        if l < size {
+            break;
+        }
+    }
+    (j, total)
+}
+
 /// Sends datagrams laid end to end in `data` (lengths `lens`): runs of
 /// equal-sized datagrams (the last of a run may be shorter) go as one UDP
 /// GSO `sendmsg` each, at most `Underlay::max_segments` per call.
@@ -389,16 +400,8 @@ fn send_train(
     let mut result = Ok(());
     while i < lens.len() {
         let size = lens[i];
-        let mut j = i + 1;
-        let mut end = off + size;
-        // Extend the run: equal sizes, then at most one shorter tail.
-        while j < lens.len() && j - i < max && lens[j] <= size && end + lens[j] <= MAX_UDP_PAYLOAD {
-            end += lens[j];
-            j += 1;
-            if lens[j - 1] < size {
-                break;
-            }
-        }
+        let (j, total) = run_end(|k| lens[k], lens.len(), i, max);
+        let end = off + total;
         let Some(chunk) = data.get(off..end) else {
             return Err(DropReason::EgressError);
         };
@@ -618,5 +621,32 @@ fn deliver_remote(
             peer.counters.count_drop(DropReason::ToGatewayUnhandled)
         }
         Verdict::Drop(r) => peer.counters.count_drop(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs of a 64 KB super-frame's 47 VXLAN datagrams (1472 bytes, a
+    /// 900-byte tail): cut by the 64 KB payload limit, not by where they
+    /// lie in the train, and by the shorter tail.
+    #[test]
+    fn runs_cut_at_the_payload_limit_and_the_tail() {
+        let lens: Vec<usize> = (0..47).map(|k| if k == 46 { 900 } else { 1472 }).collect();
+        let runs = |max| {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < lens.len() {
+                let (j, total) = run_end(|k| lens[k], lens.len(), i, max);
+                out.push((i, j, total));
+                i = j;
+            }
+            out
+        };
+        assert_eq!(runs(64), vec![(0, 44, 44 * 1472), (44, 47, 2 * 1472 + 900)]);
+        assert_eq!(runs(1).len(), 47);
+        // A larger datagram after a smaller one starts a new run.
+        assert_eq!(run_end(|k| [100, 200][k], 2, 0, 64), (1, 100));
     }
 }
